@@ -1,1 +1,16 @@
-"""medmtl.engine"""
+"""Training and evaluation wiring used by the bundle configs: MONAI engines with multi-task targets."""
+
+from medmtl.engine.batch import MultiTaskBatch
+from medmtl.engine.checkpoint import TrainingCheckpoints, atomic_torch_save, load_checkpoint
+from medmtl.engine.evaluation import KEY_METRIC, MultiTaskEvaluation
+from medmtl.engine.loss_terms import LossTermsAverager
+
+__all__ = [
+    "KEY_METRIC",
+    "LossTermsAverager",
+    "MultiTaskBatch",
+    "MultiTaskEvaluation",
+    "TrainingCheckpoints",
+    "atomic_torch_save",
+    "load_checkpoint",
+]

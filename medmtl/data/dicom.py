@@ -1,0 +1,749 @@
+"""DICOM series discovery, selection and loading.
+
+A scanner export is a tree of files with arbitrary names. `discover_series` reads the headers, groups the
+files by SeriesInstanceUID, orders each series along the normal of ImageOrientationPatient and records what
+would stop it from being one regular volume (gaps, duplicate positions, mixed sizes, ...). `SeriesRule` and
+`select_series` pick series by modality, description, size or UID; `format_series_table` shows them;
+`load_series` reads one series through MONAI's `LoadImage` as a float32 MetaTensor in RAS.
+
+Only header facts without patient identifiers are kept (`SeriesInfo`); pydicom warnings are silenced while
+reading because they can quote tag values, patient names included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import re
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from monai.data import MetaTensor, PydicomReader
+from monai.data.utils import orientation_ras_lps
+from monai.transforms import LoadImage
+from monai.utils import MetaKeys, ensure_tuple
+from pydicom.misc import is_dicom
+
+from medmtl.errors import MedmtlError
+
+logger = logging.getLogger(__name__)
+
+POSITION_TOL_MM = 0.01  # slice positions closer than this are the same position
+ORIENTATION_TOL = 1e-3  # direction cosines closer than this are the same orientation
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_DEFER_BYTES = 1024  # header values larger than this are not read during discovery (pixel data)
+_LOCALIZER_WORDS = re.compile(r"\b(localiz|localis|scout|survey|3[- ]?plane)", re.IGNORECASE)
+
+
+@dataclass
+class SeriesInfo:
+    """Header facts about one DICOM series; no patient identifiers are stored here.
+
+    `files` are ordered along the slice normal (ascending projection of ImagePositionPatient on
+    cross(row, column) of ImageOrientationPatient). `problems` lists, in words, everything that stops the
+    series from loading as one regular volume; `load_series` refuses a series with problems.
+    """
+
+    series_uid: str
+    study_uid: str
+    description: str
+    modality: str
+    series_number: int | None
+    files: list[Path]
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None  # DICOM order: (between rows, between columns) in mm
+    slice_spacing: float | None  # distance between neighbouring slice planes in mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row cosines, column cosines (LPS)
+    is_localizer: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_slices(self) -> int:
+        """Number of image files in the series."""
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Volume shape as loaded: (columns, rows, slices)."""
+        return (self.columns, self.rows, self.num_slices)
+
+    @property
+    def num_voxels(self) -> int:
+        """Number of voxels of the volume."""
+        return self.columns * self.rows * self.num_slices
+
+    @property
+    def label(self) -> str:
+        """How messages name the series: description and short UID (never a patient identifier)."""
+        return f"series '{self.description or '(no description)'}' ({short_uid(self.series_uid)})"
+
+    @property
+    def folder(self) -> Path | None:
+        """The deepest folder holding all files of the series."""
+        if not self.files:
+            return None
+        return Path(os.path.commonpath([str(f.parent) for f in self.files]))
+
+
+@contextlib.contextmanager
+def _quiet(*logger_names: str) -> Iterator[None]:
+    """Silence warnings and the named loggers (and pydicom's) for the duration.
+
+    pydicom warns and logs about malformed values and may quote them, patient names included; our own
+    messages say what is wrong instead.
+    """
+    loggers = [logging.getLogger(name) for name in ("pydicom", *logger_names)]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def short_uid(uid: str, keep: int = 8) -> str:
+    """The last `keep` characters of a UID (UIDs of one site share long prefixes).
+
+    Args:
+        uid: a DICOM UID.
+        keep: how many trailing characters to keep.
+
+    Returns:
+        ``..`` followed by the tail of the UID, or the UID itself when it is short.
+    """
+    return uid if len(uid) <= keep + 2 else ".." + uid[-keep:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# header reading
+
+
+@dataclass
+class _Header:
+    """What discovery needs from one file."""
+
+    path: Path
+    series_uid: str
+    study_uid: str = ""
+    description: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    rows: int = 0
+    columns: int = 0
+    samples: int = 1
+    frames: int = 1
+    orientation: tuple[float, ...] | None = None
+    position: tuple[float, ...] | None = None
+    pixel_spacing: tuple[float, ...] | None = None
+    image_type: tuple[str, ...] = ()
+    parsed: bool = True  # False when only the SeriesInstanceUID could be read
+    error: str | None = None  # set when the file belongs to the series but cannot be read as a slice
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """`count` finite floats from a multi-valued tag, or None when absent or malformed."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in ensure_tuple(value))
+    except (TypeError, ValueError):
+        return None
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        return None
+    return values
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_data_error(path: Path, ds: pydicom.Dataset) -> str | None:
+    """Why the (deferred) pixel data of a file cannot be complete, or None."""
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    length = getattr(elem, "length", None)
+    tell = getattr(elem, "value_tell", None)
+    if length is None or tell is None or length == _UNDEFINED_LENGTH:
+        return None  # fully read (small or encapsulated): a truncation would have failed the read
+    available = path.stat().st_size - tell
+    if available < length:
+        return f"pixel data truncated ({max(available, 0)} of {length} bytes)"
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_compressed:
+        bits = _int_or_none(ds.get("BitsAllocated")) or 16
+        pixels = (
+            (_int_or_none(ds.get("Rows")) or 0)
+            * (_int_or_none(ds.get("Columns")) or 0)
+            * (_int_or_none(ds.get("SamplesPerPixel")) or 1)
+            * (_int_or_none(ds.get("NumberOfFrames")) or 1)
+        )
+        expected = (pixels * bits + 7) // 8
+        if length < expected:
+            return f"pixel data too short ({length} of {expected} bytes)"
+    return None
+
+
+def _sop_class_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return str(getattr(uid, "name", "") or "")
+
+
+def _header_from_dataset(path: Path, ds: pydicom.Dataset) -> _Header | str | None:
+    sop_class = _sop_class_name(ds)
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not series_uid:
+        if "Directory" in sop_class:
+            return None  # DICOMDIR: an index of the export, not an image
+        return "not a readable DICOM file (no SeriesInstanceUID)"
+    if _PIXEL_DATA not in ds:
+        if "Image Storage" in sop_class or "Rows" in ds:
+            # pydicom stops quietly at the end of a file cut short; an image without pixels is broken
+            return _Header(path=path, series_uid=series_uid, parsed=False, error="no pixel data (truncated?)")
+        return None  # structured reports, RT structures, presentation states: not image slices
+    image_type = ds.get("ImageType") or ()
+    return _Header(
+        path=path,
+        series_uid=series_uid,
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        description=" ".join(str(ds.get("SeriesDescription", "") or "").split()),  # one line in tables
+        modality=str(ds.get("Modality", "") or ""),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        rows=_int_or_none(ds.get("Rows")) or 0,
+        columns=_int_or_none(ds.get("Columns")) or 0,
+        samples=_int_or_none(ds.get("SamplesPerPixel")) or 1,
+        frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        position=_floats(ds, "ImagePositionPatient", 3),
+        pixel_spacing=_floats(ds, "PixelSpacing", 2),
+        image_type=tuple(str(v).upper() for v in ensure_tuple(image_type)),
+        error=_pixel_data_error(path, ds),
+    )
+
+
+def _series_uid_only(path: Path) -> str | None:
+    """SeriesInstanceUID of a file whose full header cannot be parsed, if the start of it can."""
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.filereader.read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x0020000E)
+        return str(ds.get("SeriesInstanceUID", "") or "") or None
+    except Exception:  # any parse failure means the UID is not readable either
+        return None
+
+
+def _read_header(path: Path) -> _Header | str | None:
+    """Header of one file: a `_Header`, an error text for a broken DICOM file, or None to skip it."""
+    try:
+        if not is_dicom(path):
+            return None
+    except OSError as err:
+        return f"cannot be opened ({err.strerror or err})"
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        return _header_from_dataset(path, ds)
+    except Exception as err:  # pydicom raises many types for corrupt files; all mean "unreadable"
+        reason = f"not a readable DICOM file ({type(err).__name__})"
+        uid = _series_uid_only(path)
+        if uid is None:
+            return reason
+        return _Header(path=path, series_uid=uid, parsed=False, error=reason)
+
+
+def discover_series(root: Path | str) -> list[SeriesInfo]:
+    """Find every DICOM image series under a folder tree.
+
+    Files may have any name and sit in nested folders; non-DICOM files are skipped. Files that carry the DICOM
+    preamble but cannot be read become a problem of their series when their SeriesInstanceUID is readable, and
+    are logged as unreadable (a warning naming the file) otherwise.
+
+    Args:
+        root: a folder (study, series or any tree) or a single DICOM file.
+
+    Returns:
+        One `SeriesInfo` per SeriesInstanceUID, ordered by series number, description and UID; empty when
+        there is no DICOM image under `root`.
+
+    Raises:
+        MedmtlError: when `root` does not exist.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise MedmtlError(f"{root}: folder not found")
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = sorted(Path(d) / name for d, _, names in os.walk(root) for name in names)
+    groups: dict[str, list[_Header]] = defaultdict(list)
+    with _quiet():
+        for path in paths:
+            header = _read_header(path)
+            if isinstance(header, str):
+                logger.warning("%s: %s", path, header)
+            elif header is not None:
+                groups[header.series_uid].append(header)
+    series = [_build_series(uid, headers) for uid, headers in groups.items()]
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.description, s.series_uid))
+    return series
+
+
+# ---------------------------------------------------------------------------------------------------------
+# grouping and geometry checks
+
+
+def _most_common(values: Sequence[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def _slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+
+
+def _mm(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _regular_spacing(steps: np.ndarray) -> float:
+    """The spacing a series was meant to have, from its (non-duplicate) steps between slices."""
+    # with few slices a median is no estimate: steps 2, 4 are one missing slice, not an uneven series.
+    # When the steps are whole multiples of the smallest one, and at least half are the smallest one,
+    # that is the spacing; otherwise the median
+    base = float(steps.min())
+    multiples = np.round(steps / base)
+    tol = max(POSITION_TOL_MM, 0.01 * base)
+    if np.all(np.abs(steps - multiples * base) <= tol * multiples) and np.mean(multiples == 1) >= 0.5:
+        return float(np.median(steps[multiples == 1]))
+    return float(np.median(steps))
+
+
+def _position_problems(positions: np.ndarray, normal: np.ndarray) -> tuple[list[str], float | None]:
+    """Problems of slice positions (already sorted along `normal`) and the regular slice spacing."""
+    if len(positions) < 2:
+        return [], None
+    steps = np.diff(positions @ normal)
+    problems = []
+    duplicates = np.flatnonzero(steps <= POSITION_TOL_MM)
+    if len(duplicates):
+        i = int(duplicates[0])
+        where = f"first: slices {i} and {i + 1}"
+        problems.append(f"duplicate positions: {len(duplicates)} slice(s) repeat a position ({where})")
+    distinct = steps[steps > POSITION_TOL_MM]
+    if not len(distinct):
+        return problems, None
+    spacing = _regular_spacing(distinct)
+    tol = max(POSITION_TOL_MM, 0.01 * spacing)
+    gaps = np.flatnonzero(steps > 1.5 * spacing)
+    if len(gaps):
+        i = int(gaps[np.argmax(steps[gaps])])
+        more = f", and {len(gaps) - 1} more gap(s)" if len(gaps) > 1 else ""
+        problems.append(
+            f"missing slices: gap of {_mm(steps[i])} mm between slices {i} and {i + 1} "
+            f"(expected {_mm(spacing)} mm){more}"
+        )
+    uneven = distinct[(np.abs(distinct - spacing) > tol) & (distinct <= 1.5 * spacing)]
+    if len(uneven):
+        low, high = float(min(distinct.min(), spacing)), float(distinct[distinct <= 1.5 * spacing].max())
+        problems.append(f"uneven spacing: steps from {_mm(low)} to {_mm(high)} mm along the normal")
+    if not problems:
+        # regular along the normal; the volume affine also needs the positions on one line (tilt is fine)
+        n = len(positions)
+        grid = positions[0] + np.outer(np.arange(n), (positions[-1] - positions[0]) / (n - 1))
+        deviation = float(np.linalg.norm(positions - grid, axis=1).max())
+        if deviation > tol:
+            off = _mm(deviation)
+            problems.append(f"uneven spacing: slice positions deviate up to {off} mm from a regular grid")
+    return problems, spacing
+
+
+def _size_text(counts: Counter) -> str:
+    return ", ".join(f"{c}x{r} ({n} files)" for (r, c), n in counts.most_common())
+
+
+def _build_series(uid: str, headers: list[_Header]) -> SeriesInfo:
+    """Order the files of one series along its normal and list what is wrong with it."""
+    readable = [h for h in headers if h.parsed]
+    broken = [h for h in headers if h.error is not None]
+    first = readable[0] if readable else headers[0]
+    problems: list[str] = []
+
+    orientations = [h.orientation for h in readable if h.orientation is not None]
+    reference = _most_common([tuple(round(v, 4) for v in o) for o in orientations])
+    reference = next((o for o in orientations if tuple(round(v, 4) for v in o) == reference), None)
+    normal = _slice_normal(reference) if reference is not None else np.array([0.0, 0.0, 1.0])
+
+    def order(h: _Header) -> tuple:
+        along = float(np.dot(h.position, normal)) if h.position is not None else math.inf
+        return (along, h.instance_number if h.instance_number is not None else 0, str(h.path))
+
+    readable.sort(key=order)
+
+    mixed_orientation = any(np.abs(np.subtract(o, reference)).max() > ORIENTATION_TOL for o in orientations)
+    if mixed_orientation:
+        distinct = {tuple(np.round(o, 3)) for o in orientations}
+        problems.append(f"mixed orientations: {len(distinct)} different ImageOrientationPatient values")
+    sizes = Counter((h.rows, h.columns) for h in readable)
+    if len(sizes) > 1:
+        problems.append(f"mixed sizes: {_size_text(sizes)}")
+    spacings = {tuple(np.round(h.pixel_spacing, 4)) for h in readable if h.pixel_spacing is not None}
+    if len(spacings) > 1:
+        problems.append(f"mixed pixel spacing: {len(spacings)} different PixelSpacing values")
+    no_geometry = sum(h.position is None or h.orientation is None for h in readable)
+    if no_geometry:
+        tags = "ImagePositionPatient/ImageOrientationPatient"
+        problems.append(f"missing geometry: {no_geometry} file(s) without {tags}")
+    if any(h.frames > 1 for h in readable):
+        frames = max(h.frames for h in readable)
+        problems.append(f"multi-frame images: {frames} frames per file (not supported)")
+    if any(h.samples != 1 for h in readable):
+        problems.append("colour images: SamplesPerPixel is not 1 (not supported)")
+
+    slice_spacing = None
+    if not mixed_orientation and not no_geometry:
+        positions = np.array([h.position for h in readable], float)
+        position_problems, slice_spacing = _position_problems(positions, normal)
+        problems.extend(position_problems)
+    if broken:
+        shown = "; ".join(f"{h.path.name}: {h.error}" for h in broken[:2])
+        more = f"; and {len(broken) - 2} more" if len(broken) > 2 else ""
+        problems.append(f"unreadable files: {len(broken)} ({shown}{more})")
+
+    rows, columns = sizes.most_common(1)[0][0] if sizes else (0, 0)
+    pixel_spacing = next((h.pixel_spacing for h in readable if h.pixel_spacing is not None), None)
+    description = first.description
+    is_localizer = (
+        any("LOCALIZER" in h.image_type for h in readable)
+        or bool(_LOCALIZER_WORDS.search(description))
+        or (mixed_orientation and len(readable) <= 5)
+    )
+    return SeriesInfo(
+        series_uid=uid,
+        study_uid=first.study_uid,
+        description=description,
+        modality=first.modality,
+        series_number=first.series_number,
+        files=[h.path for h in readable],
+        rows=rows,
+        columns=columns,
+        pixel_spacing=tuple(pixel_spacing) if pixel_spacing is not None else None,  # type: ignore[arg-type]
+        slice_spacing=slice_spacing,
+        orientation=tuple(reference) if reference is not None else None,
+        is_localizer=is_localizer,
+        problems=problems,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selection
+
+
+@dataclass
+class SeriesRule:
+    """Which series to take from an export. All filters set must hold (AND).
+
+    Localizers are never selected unless named by `series_uid`; `largest` then keeps the series with the most
+    voxels among those left.
+    """
+
+    modality: str | None = None
+    description: str | None = None  # regular expression, case-insensitive search
+    min_slices: int | None = None
+    largest: bool = False
+    series_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        self._pattern()  # an invalid regular expression is a user error: report it before any work
+
+    def _pattern(self) -> re.Pattern | None:
+        if self.description is None:
+            return None
+        try:
+            return re.compile(self.description, re.IGNORECASE)
+        except re.error as err:
+            message = f"--description {self.description!r}: invalid regular expression ({err})"
+            raise MedmtlError(message) from None
+
+    def is_set(self) -> bool:
+        """Whether any filter is set.
+
+        Returns:
+            True when the rule restricts the series in any way.
+        """
+        filters = (self.modality, self.description, self.min_slices, self.series_uid)
+        return self.largest or any(v is not None for v in filters)
+
+    def describe(self) -> str:
+        """The rule in words, for messages.
+
+        Returns:
+            e.g. ``modality=MR, description~/t1/, min_slices=20, largest``.
+        """
+        parts = []
+        if self.series_uid is not None:
+            parts.append(f"series_uid={self.series_uid}")
+        if self.modality is not None:
+            parts.append(f"modality={self.modality}")
+        if self.description is not None:
+            parts.append(f"description~/{self.description}/")
+        if self.min_slices is not None:
+            parts.append(f"min_slices={self.min_slices}")
+        if self.largest:
+            parts.append("largest")
+        return ", ".join(parts) or "any series"
+
+    def matches(self, s: SeriesInfo) -> bool:
+        """Whether one series passes the filters (`largest` is applied by `select_series`).
+
+        Args:
+            s: the series to test.
+
+        Returns:
+            True when every filter set holds for `s`.
+        """
+        if self.series_uid is not None:
+            if s.series_uid != self.series_uid:
+                return False
+        elif s.is_localizer:
+            return False
+        if self.modality is not None and s.modality.upper() != self.modality.upper():
+            return False
+        pattern = self._pattern()
+        if pattern is not None and not pattern.search(s.description):
+            return False
+        return self.min_slices is None or s.num_slices >= self.min_slices
+
+
+def select_series(series: Sequence[SeriesInfo], rule: SeriesRule) -> list[SeriesInfo]:
+    """The series that a rule selects.
+
+    Args:
+        series: candidates, e.g. from `discover_series`.
+        rule: the filters.
+
+    Returns:
+        The matching series in their input order; at most one when `rule.largest` is set.
+
+    Raises:
+        MedmtlError: when the description is not a valid regular expression.
+    """
+    kept = [s for s in series if rule.matches(s)]
+    if rule.largest and kept:
+        kept = [max(kept, key=lambda s: s.num_voxels)]  # max keeps the first of equal sizes
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# display
+
+
+def orientation_label(orientation: Sequence[float] | None) -> str:
+    """Name the plane of a slice orientation from its normal.
+
+    Args:
+        orientation: ImageOrientationPatient (6 values), or None.
+
+    Returns:
+        ``axial``, ``coronal`` or ``sagittal`` within 1 degree of the plane, ``oblique (ax 16°)`` style
+        otherwise (closest plane and tilt), ``-`` when unknown.
+    """
+    if orientation is None:
+        return "-"
+    normal = np.abs(_slice_normal(orientation))
+    axis = int(np.argmax(normal))
+    name, short = (("sagittal", "sag"), ("coronal", "cor"), ("axial", "ax"))[axis]
+    tilt = math.degrees(math.acos(min(1.0, float(normal[axis]))))
+    return name if tilt <= 1.0 else f"oblique ({short} {tilt:.0f}°)"
+
+
+def _flag_names(s: SeriesInfo) -> list[str]:
+    # problems read "<kind>: <details>"; the table shows the kind, the details follow the table
+    return (["localizer"] if s.is_localizer else []) + [p.split(":", 1)[0] for p in s.problems]
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def format_series_table(series: Sequence[SeriesInfo], selected: Sequence[SeriesInfo] = ()) -> str:
+    """A table of series, one line each, followed by the full text of the problems found.
+
+    Args:
+        series: the series to show, e.g. from `discover_series`.
+        selected: series to mark with ``*`` in the first column.
+
+    Returns:
+        The table text (no trailing newline); no patient identifiers. ``no DICOM series found`` when empty.
+    """
+    if not series:
+        return "no DICOM series found"
+    chosen = {s.series_uid for s in selected}
+    header = f"  {'#':>5}  {'description':<24} {'mod':<4} {'slices':>6}  {'size':<13} {'spacing mm':<15} "
+    header += f"{'orientation':<17} {'uid':<10}  flags"
+    lines = [header]
+    notes = []
+    for s in series:
+        spacing = "?"
+        if s.pixel_spacing is not None:
+            spacing = f"{_mm(s.pixel_spacing[1])}x{_mm(s.pixel_spacing[0])}"
+            spacing += f"x{_mm(s.slice_spacing)}" if s.slice_spacing is not None else ""
+        number = "-" if s.series_number is None else str(s.series_number)
+        size = "x".join(str(n) for n in s.shape)
+        mixed = any(p.startswith("mixed orientations") for p in s.problems)
+        plane = "mixed" if mixed else orientation_label(s.orientation)
+        flags = ", ".join(_flag_names(s))
+        line = (
+            f"{'*' if s.series_uid in chosen else ' '} {number:>5}  {_clip(s.description, 24):<24} "
+            f"{_clip(s.modality, 4):<4} {s.num_slices:>6}  {size:<13} {spacing:<15} "
+            f"{plane:<17} {short_uid(s.series_uid):<10}  {flags}"
+        )
+        lines.append(line.rstrip())
+        notes.extend(f"  {number} {short_uid(s.series_uid)}: {p}" for p in s.problems)
+    if notes:
+        lines += ["problems:", *notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+class DicomSeriesReader(PydicomReader):
+    """A MONAI reader that reads a list of DICOM files as one series, in the order given.
+
+    `PydicomReader` sorts a folder by InstanceNumber and stacks a list of files as channels; this reader
+    stacks the given files (already ordered along the slice normal by `discover_series`) along the last
+    axis, applies RescaleSlope/Intercept (through `PydicomReader`) and lets MONAI build the RAS affine from
+    the first and last ImagePositionPatient. With `swap_ij` the array is (columns, rows, slices).
+
+    Args:
+        series_label: how error messages name the series.
+    """
+
+    def __init__(self, series_label: str = "series") -> None:
+        super().__init__(channel_dim="no_channel", affine_lps_to_ras=True, swap_ij=True, prune_metadata=True)
+        self.series_label = series_label
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs) -> list[pydicom.Dataset]:
+        """Read every file of the series with its pixel data.
+
+        Args:
+            data: the files of one series, in slice order.
+            kwargs: additional arguments for `pydicom.dcmread`.
+
+        Returns:
+            One dataset per file.
+        """
+        files = [str(f) for f in ensure_tuple(data)]
+        datasets = []
+        with _quiet():
+            for name in files:
+                try:
+                    datasets.append(pydicom.dcmread(name, **{**self.kwargs, **kwargs}))
+                except Exception as err:  # corrupt files raise many types; all mean "unreadable"
+                    raise MedmtlError(
+                        f"{self.series_label}: {name}: not a readable DICOM file ({type(err).__name__})"
+                    ) from None
+        self.has_series = True  # makes `get_data` combine the datasets as one series
+        self.filenames = [files]
+        return datasets
+
+    def _combine_dicom_series(self, data, filenames):  # noqa: ANN001 - MONAI's signature
+        """Stack the slices in the order given (MONAI's version re-sorts by InstanceNumber)."""
+        datasets = list(data)
+        arrays = [self._get_array_data(ds, name) for ds, name in zip(datasets, filenames, strict=True)]
+        if len({a.shape for a in arrays}) > 1:
+            raise MedmtlError(f"{self.series_label}: slices have different sizes")
+        first, last = datasets[0], datasets[-1]
+        metadata = self._get_meta_dict(first)
+        pixel_spacing = [float(v) for v in getattr(first, "PixelSpacing", (1.0, 1.0))]
+        metadata["spacing"] = np.asarray(pixel_spacing + [_single_slice_thickness(first)])
+        if len(datasets) > 1:
+            metadata["lastImagePositionPatient"] = np.asarray(last.ImagePositionPatient, float)
+        metadata[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
+        return np.stack(arrays, axis=-1), metadata
+
+    def _get_array_data(self, img, filename):  # noqa: ANN001 - MONAI's signature
+        """Pixel values with RescaleSlope/Intercept applied; a decoding failure names the file."""
+        try:
+            with _quiet():
+                return super()._get_array_data(img, filename)
+        except Exception as err:  # pixel decoders raise many types (truncated data, missing codec)
+            raise MedmtlError(
+                f"{self.series_label}: {filename}: cannot read pixel data ({type(err).__name__}: {err})"
+            ) from None
+
+    def _get_affine(self, metadata: dict, lps_to_ras: bool = True) -> np.ndarray:
+        """MONAI's affine; for a single slice the third column is the normal times the slice thickness."""
+        affine = super()._get_affine(metadata, lps_to_ras=False)
+        shape = metadata.get(MetaKeys.SPATIAL_SHAPE, ())
+        if len(shape) == 3 and shape[-1] == 1 and "00200037" in metadata:
+            affine[:3, 2] = _slice_normal(metadata["00200037"]["Value"]) * metadata["spacing"][2]
+        return orientation_ras_lps(affine) if lps_to_ras else affine
+
+
+def _single_slice_thickness(ds: pydicom.Dataset) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _floats(ds, keyword, 1)
+        if value is not None and value[0] > 0:
+            return value[0]
+    return 1.0
+
+
+@functools.cache
+def _loader() -> LoadImage:
+    """One LoadImage for the process; building it instantiates MONAI's default readers."""
+    # NvImgCodecPydicomReader warns and logs on every construction when nvImageCodec is absent (CPU setups)
+    with _quiet("monai.data.nvimgcodec_pydicom_plugin"):
+        return LoadImage(reader=DicomSeriesReader, image_only=True, dtype=np.float32)
+
+
+def load_series(series: SeriesInfo, min_slices: int = 1) -> MetaTensor:
+    """Load one series as a volume through MONAI's `LoadImage`.
+
+    Args:
+        series: a series from `discover_series` (its files ordered along the slice normal).
+        min_slices: fewest slices accepted (2 or more where a volume is required).
+
+    Returns:
+        A float32 MetaTensor of shape (columns, rows, slices): i along the rows of a slice, j down its
+        columns, k along the slice normal, with the RAS affine in ``meta["affine"]``, ``original_channel_dim``
+        ``"no_channel"`` and ``filename_or_obj`` the series folder.
+
+    Raises:
+        MedmtlError: naming the series (and the file at fault) when it cannot be one volume: problems found by
+            discovery (gaps, duplicate positions, mixed sizes or orientations, unreadable files), too few
+            slices, or pixel data that cannot be decoded.
+    """
+    if series.problems:
+        raise MedmtlError(f"{series.label}: cannot load as one volume: {'; '.join(series.problems)}")
+    if series.num_slices < max(1, min_slices):
+        raise MedmtlError(
+            f"{series.label}: {series.num_slices} slice(s), at least {max(1, min_slices)} needed for a volume"
+        )
+    reader = DicomSeriesReader(series_label=series.label)
+    # the reader given to the call is the only one tried: a MedmtlError reaches the caller unchanged instead
+    # of LoadImage falling back to its other readers and raising its own RuntimeError
+    image = _loader()([str(f) for f in series.files], reader=reader)
+    image.meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = "no_channel"
+    image.meta["filename_or_obj"] = str(series.folder)
+    return image

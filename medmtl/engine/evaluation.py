@@ -1,0 +1,232 @@
+"""Validation metrics for every head, per case and aggregated under readable names.
+
+Attached to a MONAI `SupervisedEvaluator` (with `decollate=False`), it reads each iteration's predictions
+(the dict from `MultiHeadInferer`) and targets (the dict from `MultiTaskBatch`) and records one row per case.
+At the end of the epoch it writes into `engine.state.metrics`:
+
+    val/mean_dice, val/dice_<label>, val/hd95_<label>_mm, val/cls_auc, val/cls_accuracy, val/boundary_mae
+
+and leaves the per-case rows in `engine.state.case_results` for the tracker (table and overlay pictures).
+
+Conventions (nnU-Net's): a class absent from both reference and prediction is not scored (NaN, left out of
+means); absent from the reference but predicted scores Dice 0. HD95 is in mm on the evaluated grid; a class
+present in the reference but not predicted gets the image diagonal as its HD95 (the worst possible value)
+rather than being dropped, so missing a structure is never rewarded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data.utils import affine_to_spacing
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
+from monai.networks.utils import one_hot
+
+KEY_METRIC = "val/mean_dice"
+
+
+def metric_label(name: str) -> str:
+    """A label name as it appears in metric names: lower case, runs of other characters as one underscore."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _overlay_slice(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> dict[str, np.ndarray]:
+    """The slice (along the last axis) with the most reference foreground, as 2D arrays for a picture."""
+    if label.ndim == 2:
+        index = (...,)
+    else:
+        area = (label > 0).flatten(0, -2).sum(0)
+        index = (..., int(area.argmax()) if area.max() > 0 else label.shape[-1] // 2)
+    return {
+        "image": image[index].float().cpu().numpy(),
+        "label": label[index].cpu().numpy().astype(np.uint8),
+        "pred": pred[index].cpu().numpy().astype(np.uint8),
+    }
+
+
+class MultiTaskEvaluation:
+    """Per-case Dice, HD95 (mm), classification and boundary errors; aggregated validation metrics.
+
+    Args:
+        label_names: foreground label index -> name, e.g. {1: "organ", 2: "lesion"}.
+        cls_mode: "case" (softmax over case classes, positive class 1) or "presence" (sigmoid per foreground
+            class); None when there is no classification head.
+        prefix: metric name prefix.
+        keep_overlays: keep one 2D slice per case (image, reference, prediction) for overlay pictures.
+    """
+
+    def __init__(
+        self,
+        label_names: Mapping[int, str],
+        cls_mode: str | None = "case",
+        prefix: str = "val/",
+        keep_overlays: bool = True,
+    ) -> None:
+        self.label_names = {int(k): str(v) for k, v in label_names.items() if int(k) != 0}
+        self.num_classes = max(self.label_names) + 1
+        self.cls_mode = cls_mode
+        self.prefix = prefix
+        self.keep_overlays = keep_overlays
+        self.cases: list[dict[str, Any]] = []
+        self._cls_probs: list[np.ndarray] = []
+        self._cls_targets: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Register with an evaluator: reset at epoch start, update per iteration, aggregate at epoch end."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.aggregate)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget the previous epoch's cases."""
+        self.cases, self._cls_probs, self._cls_targets = [], [], []
+
+    def update(self, engine: Engine) -> None:
+        """Score the cases of the current batch."""
+        output, batch = engine.state.output, engine.state.batch
+        pred, targets, image = output["pred"], output["label"], output["image"]
+        self.cases.extend(self.score_batch(image, pred, targets, batch))
+
+    def score_batch(
+        self,
+        image: torch.Tensor,
+        pred: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One result row per case of a batch.
+
+        Args:
+            image: network input (N, C_in, *spatial); a MetaTensor gives the spacing for HD95.
+            pred: "seg" logits (N, C, *spatial), optional "cls" logits and "boundary" maps.
+            targets: "label" (N, 1, *spatial), optional "cls" and "boundary" targets.
+            batch: the collated batch, for "case_id" (a list of str).
+
+        Returns:
+            rows with case_id, dice_<label>, hd95_<label>_mm, mean_dice, cls_prob, cls_true, boundary_mae and
+            (when kept) "overlay".
+        """
+        seg = pred["seg"].detach().float()
+        n, ndim = seg.shape[0], seg.ndim - 2
+        labels = targets["label"].detach().long()
+        pred_labels = seg.argmax(dim=1, keepdim=True)
+        pred_oh = one_hot(pred_labels, self.num_classes)
+        ref_oh = one_hot(labels, self.num_classes)
+        dice = compute_dice(pred_oh, ref_oh, include_background=False, ignore_empty=False)
+        ref_present = ref_oh[:, 1:].flatten(2).any(-1)
+        pred_present = pred_oh[:, 1:].flatten(2).any(-1)
+        dice[~ref_present & ~pred_present] = float("nan")
+        spacings = self._spacings(image, n, ndim)
+
+        case_ids = list(batch.get("case_id", [])) if batch is not None else []
+        rows = []
+        for b in range(n):
+            row: dict[str, Any] = {"case_id": str(case_ids[b]) if b < len(case_ids) else f"case_{len(self.cases) + b}"}
+            diag = float(np.linalg.norm(np.asarray(seg.shape[2:]) * spacings[b]))
+            for c, name in self.label_names.items():
+                row[f"dice_{metric_label(name)}"] = float(dice[b, c - 1])
+                row[f"hd95_{metric_label(name)}_mm"] = self._hd95(
+                    pred_oh[b : b + 1, c : c + 1], ref_oh[b : b + 1, c : c + 1],
+                    bool(ref_present[b, c - 1]), bool(pred_present[b, c - 1]), spacings[b], diag,
+                )
+            row["mean_dice"] = _nanmean([row[f"dice_{metric_label(name)}"] for name in self.label_names.values()])
+            row.update(self._classification(pred, targets, b))
+            if "boundary" in pred and "boundary" in targets:
+                row["boundary_mae"] = float((pred["boundary"][b].float() - targets["boundary"][b].float()).abs().mean())
+            if self.keep_overlays:
+                row["overlay"] = _overlay_slice(image[b, 0], labels[b, 0], pred_labels[b, 0])
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _spacings(image: torch.Tensor, n: int, ndim: int) -> list[np.ndarray]:
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            return [np.ones(ndim)] * n
+        affine = affine.reshape(-1, *affine.shape[-2:])
+        return [np.asarray(affine_to_spacing(affine[min(b, len(affine) - 1)], r=ndim), dtype=float) for b in range(n)]
+
+    @staticmethod
+    def _hd95(pred: torch.Tensor, ref: torch.Tensor, ref_present: bool, pred_present: bool,
+              spacing: np.ndarray, diag: float) -> float:
+        if not ref_present:
+            return float("nan")
+        if not pred_present:
+            return diag
+        hd = compute_hausdorff_distance(pred.cpu(), ref.cpu(), include_background=True, percentile=95,
+                                        spacing=spacing.tolist())
+        return float(hd[0, 0])
+
+    def _classification(self, pred: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                        b: int) -> dict[str, Any]:
+        if self.cls_mode is None or "cls" not in pred or "cls" not in targets:
+            return {}
+        logits, target = pred["cls"][b].detach().float().cpu(), targets["cls"][b].detach().cpu()
+        if self.cls_mode == "case":
+            probs = torch.softmax(logits, dim=0).numpy()
+            true = int(target)
+            if true >= 0:
+                self._cls_probs.append(probs)
+                self._cls_targets.append(np.asarray(true))
+            return {"cls_prob": float(probs[-1]), "cls_true": true if true >= 0 else None}
+        probs = torch.sigmoid(logits).numpy()
+        true_vec = target.float().numpy()
+        if not np.isnan(true_vec).any():
+            self._cls_probs.append(probs)
+            self._cls_targets.append(true_vec)
+        return {"cls_prob": probs.round(4).tolist(), "cls_true": true_vec.tolist()}
+
+    def summary(self) -> dict[str, float]:
+        """Aggregate the cases scored so far into named validation metrics."""
+        p = self.prefix
+        metrics: dict[str, float] = {}
+        for name in self.label_names.values():
+            key = metric_label(name)
+            metrics[f"{p}dice_{key}"] = _nanmean([r[f"dice_{key}"] for r in self.cases])
+            metrics[f"{p}hd95_{key}_mm"] = _nanmean([r[f"hd95_{key}_mm"] for r in self.cases])
+        metrics[KEY_METRIC.replace("val/", p, 1)] = _nanmean(
+            [metrics[f"{p}dice_{metric_label(n)}"] for n in self.label_names.values()]
+        )
+        metrics[f"{p}mean_hd95_mm"] = _nanmean(
+            [metrics[f"{p}hd95_{metric_label(n)}_mm"] for n in self.label_names.values()]
+        )
+        if self._cls_probs:
+            metrics.update(self._classification_summary())
+        maes = [r["boundary_mae"] for r in self.cases if "boundary_mae" in r]
+        if maes:
+            metrics[f"{p}boundary_mae"] = float(np.mean(maes))
+        return metrics
+
+    def _classification_summary(self) -> dict[str, float]:
+        probs, targets = np.stack(self._cls_probs), np.stack(self._cls_targets)
+        if self.cls_mode == "case":
+            predicted = probs.argmax(axis=1)
+            accuracy = float((predicted == targets).mean())
+            if probs.shape[1] == 2:
+                auc_input, auc_target = torch.as_tensor(probs[:, 1]), torch.as_tensor(targets)
+            else:
+                auc_input = torch.as_tensor(probs)
+                auc_target = one_hot(torch.as_tensor(targets)[:, None], probs.shape[1], dim=1)
+        else:
+            accuracy = float(((probs > 0.5) == (targets > 0.5)).mean())
+            auc_input, auc_target = torch.as_tensor(probs), torch.as_tensor(targets)
+        auc = float("nan")
+        if len(np.unique(targets)) > 1:  # AUC needs both outcomes among the cases
+            auc = float(compute_roc_auc(auc_input, auc_target, average="macro"))
+        return {f"{self.prefix}cls_auc": auc, f"{self.prefix}cls_accuracy": accuracy}
+
+    def aggregate(self, engine: Engine) -> None:
+        """Write the epoch's metrics into `engine.state.metrics` and the rows into `engine.state.case_results`."""
+        engine.state.metrics.update(self.summary())
+        engine.state.case_results = list(self.cases)

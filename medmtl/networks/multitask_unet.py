@@ -1,0 +1,296 @@
+"""A DynUNet-style U-Net with a segmentation head and optional classification and boundary heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.nets import DynUNet
+
+__all__ = ["ClassificationHead", "HEAD_NAMES", "MultiTaskUNet", "check_heads"]
+
+#: every head the network knows; "seg" is the product and is always on.
+HEAD_NAMES = ("seg", "cls", "boundary")
+_OUTPUTS = ("dict", "seg")
+
+
+class ClassificationHead(nn.Module):
+    """Case-level logits from a feature map: global average and max pooling, concatenated, then a small MLP.
+
+    Args:
+        in_channels: channels of the feature map it reads.
+        num_outputs: number of logits K.
+        hidden: width of the hidden layer.
+        dropout: dropout probability before the last layer.
+    """
+
+    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 64, dropout: float = 0.2) -> None:
+        super().__init__()
+        # average pooling says how much of a pattern there is, max pooling whether it is there at all
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * in_channels, hidden),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_outputs),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Args: features (N, C, *spatial). Returns: logits (N, K)."""
+        flat = features.flatten(2)
+        return self.mlp(torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1))
+
+
+class MultiTaskUNet(nn.Module):
+    """U-Net encoder/decoder built from MONAI's DynUNet blocks, with up to three heads.
+
+    Heads (``forward`` returns a dict holding only the enabled ones):
+
+    - ``"seg"``: ``(N, num_classes, *spatial)`` logits at input resolution; always on. With
+      ``deep_supervision`` and in training mode, ``"seg_ds"`` also holds a list of ``deep_supr_num``
+      lower-resolution logits, highest resolution first, each at its own decoder level's size (MONAI's
+      ``DeepSupervisionLoss`` downsamples the target to match).
+    - ``"cls"``: ``(N, num_cls_outputs)`` logits from the bottleneck (see :class:`ClassificationHead`).
+    - ``"boundary"``: ``(N, num_classes - 1, *spatial)`` in ``[-1, 1]`` (tanh), one channel per foreground
+      class, from the last decoder features: meant for normalised signed distance maps.
+
+    A head left out of ``heads`` is not built, so it has no parameters. ``output="seg"`` returns only the
+    seg logits as a tensor (for ``verify_net_in_out``, sliding-window segmentation and TorchScript export);
+    it builds the same modules as ``output="dict"``, so checkpoints move between the two with identical keys.
+
+    Layout follows DynUNet: level 0 is the input block (``strides[0]`` must be 1 so the output is at input
+    resolution), the last level is the bottleneck, and each decoder level upsamples with a transposed
+    convolution of kernel and stride ``strides[i]``. Each spatial size of the input must be divisible by the
+    product of the strides along that axis (:attr:`size_divisor`), and the bottleneck must be larger than
+    one voxel (so at least one axis must be at least twice its divisor).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input image channels.
+        num_classes: segmentation classes including background (at least 2 when "boundary" is on).
+        filters: channels per level; only the first ``len(strides)`` are used.
+        strides: per level, an int or one int per spatial axis; ``len(strides)`` is the depth.
+        kernel_size: an int or a per-axis sequence for all levels, or one such entry per level.
+        heads: enabled heads, a subset of ``("seg", "cls", "boundary")`` that contains "seg".
+        num_cls_outputs: logits of the classification head (K classes, or C-1 presence logits).
+        cls_hidden: hidden width of the classification MLP.
+        cls_dropout: dropout in the classification MLP.
+        deep_supervision: emit lower-resolution seg logits under "seg_ds" in training mode.
+        deep_supr_num: how many; at least 1 and less than ``len(strides) - 1``.
+        norm_name: MONAI norm name or (name, kwargs); defaults to instance norm with affine parameters as
+            in DynUNet and nnU-Net.
+        act_name: MONAI activation name or (name, kwargs).
+        res_block: residual (UnetResBlock) instead of plain (UnetBasicBlock) encoder blocks.
+        dropout: dropout probability inside the convolution blocks (None: none).
+        output: ``"dict"`` (all enabled heads) or ``"seg"`` (seg logits tensor only).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        filters: Sequence[int] = (16, 32, 64, 128, 256),
+        strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2, 2),
+        kernel_size: int | Sequence[int | Sequence[int]] = 3,
+        heads: Sequence[str] = HEAD_NAMES,
+        num_cls_outputs: int = 2,
+        cls_hidden: int = 64,
+        cls_dropout: float = 0.2,
+        deep_supervision: bool = False,
+        deep_supr_num: int = 2,
+        norm_name: str | tuple = ("instance", {"affine": True}),
+        act_name: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        res_block: bool = True,
+        dropout: float | None = None,
+        output: str = "dict",
+    ) -> None:
+        super().__init__()
+        self.heads = check_heads(heads)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be at least 2, got {num_classes}")
+        depth = len(strides)
+        if depth < 2:
+            raise ValueError(
+                f"strides needs at least 2 levels (input block, bottleneck), got {list(strides)}"
+            )
+        if len(filters) < depth:
+            raise ValueError(f"filters has {len(filters)} entries but strides has {depth} levels")
+        strides_axes = [_per_axis(s, spatial_dims, "strides") for s in strides]
+        if any(s != 1 for s in strides_axes[0]):
+            raise ValueError(f"strides[0] must be 1 so seg is at input resolution, got {strides[0]}")
+        kernels = _per_level(kernel_size, depth, spatial_dims)
+        if deep_supervision and not 1 <= deep_supr_num < depth - 1:
+            raise ValueError(
+                f"deep_supr_num must be at least 1 and less than {depth - 1} (decoder levels below the top) "
+                f"for {depth} strides, got {deep_supr_num}"
+            )
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.output = output
+        self.deep_supervision = deep_supervision
+        self.deep_supr_num = deep_supr_num
+        #: each input spatial size must be a multiple of this (e.g. for ``DivisiblePadd(k=...)``)
+        self.size_divisor: tuple[int, ...] = tuple(int(d) for d in np.prod(strides_axes, axis=0))
+        filters = [int(f) for f in filters[:depth]]
+
+        conv_block = UnetResBlock if res_block else UnetBasicBlock
+        block_args = {
+            "spatial_dims": spatial_dims,
+            "norm_name": norm_name,
+            "act_name": act_name,
+            "dropout": dropout,
+        }
+        # encoder[0] is DynUNet's input block, encoder[-1] its bottleneck
+        self.encoder = nn.ModuleList(
+            conv_block(
+                in_channels=in_channels if i == 0 else filters[i - 1],
+                out_channels=filters[i],
+                kernel_size=kernels[i],
+                stride=strides_axes[i],
+                **block_args,
+            )
+            for i in range(depth)
+        )
+        # decoder[0] upsamples the bottleneck; decoder[-1] returns to input resolution
+        self.decoder = nn.ModuleList(
+            UnetUpBlock(
+                in_channels=filters[i],
+                out_channels=filters[i - 1],
+                kernel_size=kernels[i],
+                stride=strides_axes[i],
+                upsample_kernel_size=strides_axes[i],
+                **block_args,
+            )
+            for i in range(depth - 1, 0, -1)
+        )
+        self.seg_head = UnetOutBlock(spatial_dims, filters[0], num_classes)
+        if deep_supervision:
+            # ds_heads[j] reads the decoder output with filters[j + 1] channels (j + 1 levels below the top)
+            self.ds_heads = nn.ModuleList(
+                UnetOutBlock(spatial_dims, filters[j + 1], num_classes) for j in range(deep_supr_num)
+            )
+        if "cls" in self.heads:
+            self.cls_head = ClassificationHead(filters[-1], num_cls_outputs, cls_hidden, cls_dropout)
+        if "boundary" in self.heads:
+            self.boundary_head = UnetOutBlock(spatial_dims, filters[0], num_classes - 1)
+        self.apply(DynUNet.initialize_weights)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming what is wrong when ``x`` cannot pass through the network.
+
+        Args:
+            x: input batch ``(N, in_channels, *spatial)``.
+        """
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"MultiTaskUNet({self.spatial_dims}D) expects (N, C, {self.spatial_dims} spatial axes), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"MultiTaskUNet expects {self.in_channels} input channel(s), got {x.shape[1]}")
+        size = tuple(int(s) for s in x.shape[2:])
+        if any(s % d for s, d in zip(size, self.size_divisor, strict=True)):
+            raise ValueError(
+                f"input spatial size {size} is not divisible by {self.size_divisor} "
+                f"(the product of the strides); pad or crop it, e.g. DivisiblePadd(k={self.size_divisor})"
+            )
+        if all(s == d for s, d in zip(size, self.size_divisor, strict=True)):
+            raise ValueError(
+                f"input spatial size {size} leaves a one-voxel bottleneck, which normalisation cannot "
+                f"handle; make at least one axis at least twice its divisor {self.size_divisor}"
+            )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]] | torch.Tensor:
+        """Run the network.
+
+        Args:
+            x: ``(N, in_channels, *spatial)``; spatial sizes divisible by :attr:`size_divisor`.
+
+        Returns:
+            with ``output="seg"`` the seg logits tensor; otherwise a dict with "seg", the enabled heads and,
+            in training mode with deep supervision, "seg_ds".
+        """
+        if not torch.jit.is_tracing():  # shapes are constants in a trace; the check ran in eager mode
+            self.check_input(x)
+        skips = []
+        out = x
+        for block in self.encoder[:-1]:
+            out = block(out)
+            skips.append(out)
+        bottleneck = self.encoder[-1](out)
+        out = bottleneck
+        decoded = []
+        for up, skip in zip(self.decoder, reversed(skips), strict=True):
+            out = up(out, skip)
+            decoded.append(out)
+        seg = self.seg_head(out)
+        if self.output == "seg":
+            return seg
+        result: dict[str, torch.Tensor | list[torch.Tensor]] = {"seg": seg}
+        if self.deep_supervision and self.training:
+            # decoded[-2] is one level below the top, decoded[-3] two levels, ...
+            result["seg_ds"] = [head(decoded[-2 - j]) for j, head in enumerate(self.ds_heads)]
+        if "cls" in self.heads:
+            result["cls"] = self.cls_head(bottleneck)
+        if "boundary" in self.heads:
+            result["boundary"] = torch.tanh(self.boundary_head(out))
+        return result
+
+
+def check_heads(heads: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate a head selection.
+
+    Args:
+        heads: head names, or one name.
+
+    Returns:
+        the heads as a tuple.
+
+    Raises:
+        ValueError: an unknown head, or "seg" missing.
+    """
+    if isinstance(heads, str):  # a lone "seg" from a config would otherwise split into letters
+        heads = (heads,)
+    heads = tuple(heads)
+    unknown = [h for h in heads if h not in HEAD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown head(s) {unknown}; choose from {HEAD_NAMES}")
+    if "seg" not in heads:
+        raise ValueError(f"heads must include 'seg' (the product), got {list(heads)}")
+    return heads
+
+
+def _per_axis(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+    """One level's kernel or stride as one int per spatial axis."""
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    value = tuple(int(v) for v in value)
+    if len(value) != spatial_dims:
+        raise ValueError(f"{name} entry {list(value)} needs {spatial_dims} values, one per spatial axis")
+    return value
+
+
+def _per_level(kernel_size: int | Sequence, depth: int, spatial_dims: int) -> list[tuple[int, ...]]:
+    """Kernel sizes for every level.
+
+    As in DynUNet, a sequence with one entry per level is read per level; otherwise an int, or a flat
+    sequence with one int per axis, applies to all levels.
+    """
+    if isinstance(kernel_size, int):
+        return [_per_axis(kernel_size, spatial_dims, "kernel_size")] * depth
+    if len(kernel_size) == depth:
+        return [_per_axis(k, spatial_dims, "kernel_size") for k in kernel_size]
+    if all(isinstance(k, int) for k in kernel_size) and len(kernel_size) == spatial_dims:
+        return [_per_axis(kernel_size, spatial_dims, "kernel_size")] * depth
+    raise ValueError(
+        f"kernel_size {list(kernel_size)} is neither one entry per level ({depth}) nor one int per axis"
+    )

@@ -1,0 +1,198 @@
+"""MultiTaskUNet: heads, shapes, deep supervision, seg-only export, input checks, and that it learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.bundle import verify_net_in_out
+from monai.networks.utils import convert_to_torchscript
+
+from medmtl.losses import MultiTaskLoss
+from medmtl.networks import MultiTaskUNet
+
+# tiny configurations: 3D 16^3 and 2D 32^2 inputs, bottleneck of 2 voxels per axis
+TINY = {
+    3: {"filters": (4, 8, 16, 32), "strides": (1, 2, 2, 2), "size": (16, 16, 16)},
+    2: {"filters": (4, 8, 16, 32), "strides": (1, 2, 2, 2), "size": (32, 32)},
+}
+
+
+def make_net(spatial_dims: int, **kwargs) -> MultiTaskUNet:
+    torch.manual_seed(0)
+    cfg = TINY[spatial_dims]
+    args = {"filters": cfg["filters"], "strides": cfg["strides"], "cls_hidden": 8, **kwargs}
+    return MultiTaskUNet(spatial_dims, 1, 3, **args)
+
+
+def make_input(spatial_dims: int, batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 1, *TINY[spatial_dims]["size"])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_all_heads_keys_and_shapes(spatial_dims):
+    net = make_net(spatial_dims, num_cls_outputs=4).eval()
+    size = TINY[spatial_dims]["size"]
+    with torch.no_grad():
+        out = net(make_input(spatial_dims))
+    assert set(out) == {"seg", "cls", "boundary"}
+    assert out["seg"].shape == (2, 3, *size)
+    assert out["cls"].shape == (2, 4)
+    assert out["boundary"].shape == (2, 2, *size)  # one channel per foreground class
+    assert out["boundary"].abs().max() <= 1.0  # tanh
+    assert torch.isfinite(out["seg"]).all()
+
+
+@pytest.mark.parametrize("off", ["cls", "boundary"])
+def test_switched_off_head_has_no_parameters_and_no_output(off):
+    heads = tuple(h for h in ("seg", "cls", "boundary") if h != off)
+    net = make_net(3, heads=heads)
+    full = make_net(3)
+    names = [n for n, _ in net.named_parameters()]
+    assert not any(n.startswith(f"{off}_head.") for n in names)
+    assert any(n.startswith(f"{off}_head.") for n, _ in full.named_parameters())
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
+    out = net(make_input(3))
+    assert set(out) == set(heads)
+
+
+def test_segmentation_only_network():
+    out = make_net(2, heads=("seg",))(make_input(2))
+    assert set(out) == {"seg"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"heads": ("cls",)}, "must include 'seg'"),
+        ({"heads": ("seg", "edges")}, "unknown head"),
+        ({"strides": (2, 2, 2, 2)}, "strides\\[0\\] must be 1"),
+        ({"deep_supervision": True, "deep_supr_num": 3}, "deep_supr_num"),
+        ({"output": "tuple"}, "output must be"),
+        ({"kernel_size": (3, 3)}, "kernel_size"),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_net(3, **kwargs)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_deep_supervision_in_training_mode_only(spatial_dims):
+    net = make_net(spatial_dims, deep_supervision=True, deep_supr_num=2)
+    size = torch.tensor(TINY[spatial_dims]["size"])
+    out = net.train()(make_input(spatial_dims))
+    assert [tuple(t.shape) for t in out["seg_ds"]] == [
+        (2, 3, *(size // 2).tolist()),
+        (2, 3, *(size // 4).tolist()),
+    ]
+    assert out["seg"].shape == (2, 3, *size.tolist())
+    with torch.no_grad():
+        assert "seg_ds" not in net.eval()(make_input(spatial_dims))
+
+
+def test_anisotropic_strides_and_kernels():
+    net = MultiTaskUNet(
+        3, 1, 2, filters=(4, 8, 16), strides=(1, (2, 2, 1), 2), kernel_size=(3, (3, 3, 1), 3), cls_hidden=8
+    )
+    assert net.size_divisor == (4, 4, 2)
+    out = net(torch.rand(1, 1, 8, 8, 6))
+    assert out["seg"].shape == (1, 2, 8, 8, 6)
+
+
+def test_seg_output_shares_state_dict_and_matches_dict_network():
+    dict_net = make_net(3, deep_supervision=True).eval()
+    seg_net = make_net(3, deep_supervision=True, output="seg")
+    torch.nn.init.normal_(seg_net.seg_head.conv.conv.weight)  # differ before loading
+    assert list(seg_net.state_dict()) == list(dict_net.state_dict())
+    seg_net.load_state_dict(dict_net.state_dict(), strict=True)
+    x = make_input(3)
+    with torch.no_grad():
+        seg = seg_net.eval()(x)
+        expected = dict_net(x)["seg"]
+    assert isinstance(seg, torch.Tensor)
+    torch.testing.assert_close(seg, expected)
+    # also a tensor in training mode, where the dict network adds seg_ds
+    assert isinstance(seg_net.train()(x), torch.Tensor)
+
+
+def test_monai_verify_net_in_out(tmp_path):
+    config = {
+        "network_def": {
+            "_target_": "medmtl.networks.MultiTaskUNet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "num_classes": 3,
+            "filters": [4, 8, 16],
+            "strides": [1, 2, 2],
+            "output": "seg",
+        }
+    }
+    meta = {
+        "network_data_format": {
+            "inputs": {"image": {"num_channels": 1, "spatial_shape": [8, 8, "8*n"], "dtype": "float32"}},
+            "outputs": {"pred": {"num_channels": 3, "dtype": "float32"}},
+        }
+    }
+    (tmp_path / "inference.json").write_text(json.dumps(config))
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    # raises unless the output is a tensor with the declared channels and dtype
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(tmp_path / "metadata.json"),
+        config_file=str(tmp_path / "inference.json"),
+        device="cpu",
+        n=2,
+    )
+
+
+def test_torchscript_trace_of_seg_network_matches_eager(tmp_path):
+    net = make_net(3, output="seg").eval()
+    path = tmp_path / "model.ts"
+    convert_to_torchscript(net, filename_or_obj=path, use_trace=True, inputs=[make_input(3)])
+    traced = torch.jit.load(path)
+    x = make_input(3)  # another input than the one traced
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_input_size_not_divisible_is_named():
+    net = make_net(3)
+    with pytest.raises(ValueError, match=r"\(16, 12, 16\) is not divisible by \(8, 8, 8\)"):
+        net(torch.rand(1, 1, 16, 12, 16))
+
+
+def test_input_too_small_or_wrong_channels():
+    net = make_net(3)
+    with pytest.raises(ValueError, match="one-voxel bottleneck"):
+        net(torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="expects 1 input channel"):
+        net(torch.rand(1, 2, 16, 16, 16))
+    with pytest.raises(ValueError, match="3 spatial axes"):
+        net(torch.rand(1, 1, 16, 16))
+
+
+def test_optimizer_steps_reduce_multitask_loss():
+    torch.manual_seed(0)
+    net = make_net(2, deep_supervision=True, deep_supr_num=1)
+    loss_fn = MultiTaskLoss(num_classes=3)
+    # a fixed batch: two discs of class 1 and 2, case label = which disc is larger
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    label = torch.zeros(2, 1, 32, 32)
+    label[0, 0][(yy - 10) ** 2 + (xx - 10) ** 2 < 36] = 1
+    label[0, 0][(yy - 22) ** 2 + (xx - 22) ** 2 < 16] = 2
+    label[1, 0][(yy - 16) ** 2 + (xx - 8) ** 2 < 9] = 1
+    label[1, 0][(yy - 16) ** 2 + (xx - 22) ** 2 < 49] = 2
+    image = label / 2 + 0.1 * torch.randn_like(label)
+    boundary = torch.stack([(label[:, 0] == c).float() * 2 - 1 for c in (1, 2)], dim=1)
+    targets = {"label": label, "cls": torch.tensor([0, 1]), "boundary": boundary}
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_fn(net(image), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
