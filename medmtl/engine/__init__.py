@@ -4,13 +4,17 @@ from medmtl.engine.batch import MultiTaskBatch
 from medmtl.engine.checkpoint import TrainingCheckpoints, atomic_torch_save, load_checkpoint
 from medmtl.engine.evaluation import KEY_METRIC, MultiTaskEvaluation
 from medmtl.engine.loss_terms import LossTermsAverager
+from medmtl.engine.runtime import PolyLR, log_to_file, setup_runtime
 
 __all__ = [
     "KEY_METRIC",
     "LossTermsAverager",
     "MultiTaskBatch",
     "MultiTaskEvaluation",
+    "PolyLR",
     "TrainingCheckpoints",
     "atomic_torch_save",
     "load_checkpoint",
+    "log_to_file",
+    "setup_runtime",
 ]

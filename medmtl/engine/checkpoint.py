@@ -108,8 +108,9 @@ class TrainingCheckpoints:
         ckpt_dir: folder for the two files.
         network: the network whose weights go into `model.pt`.
         save_dict: objects with `state_dict()` saved in `last.pt` for resuming (network, optimizer,
-            lr_scheduler, loss, trainer, tracker, ...). This handler adds itself as "checkpoints" (best metric)
-            and the RNG state as "rng". Pass the same dict to MONAI's `CheckpointLoader` to resume.
+            lr_scheduler, loss, tracker, ...). This handler adds itself as "checkpoints" (best metric), the RNG
+            state as "rng" and, when attached, the trainer as "trainer". Give the same dict (`.save_dict`) to
+            MONAI's `CheckpointLoader` to resume.
         key_metric: the evaluator metric to maximize.
     """
 
@@ -133,12 +134,24 @@ class TrainingCheckpoints:
         save_dict.setdefault("checkpoints", self)
         save_dict.setdefault("rng", RngState())
 
-    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
-        """Save `last.pt` at each trainer epoch end; watch the evaluator's key metric for `model.pt`."""
+    def attach(self, engine: Engine, evaluator: Engine | None = None) -> None:
+        """Attach to the trainer (save `last.pt` each epoch) and/or the evaluator (watch the key metric).
+
+        A MONAI `Evaluator` is recognised, so one instance can sit in a bundle's `train#handlers` and
+        `validate#handlers` (after the handler that computes the key metric).
+        """
+        from monai.engines import Evaluator
+
+        if isinstance(engine, Evaluator):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_if_best)
+        else:
+            # the trainer's epoch and iteration go into last.pt; added here because the bundle config
+            # cannot name the trainer inside a handler that the trainer itself is built with
+            self.save_dict.setdefault("trainer", engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
+            engine.add_event_handler(Events.COMPLETED, self.save_final_if_no_best)
         if evaluator is not None:
             evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save_if_best)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
-        trainer.add_event_handler(Events.COMPLETED, self.save_final_if_no_best)
 
     def save_if_best(self, evaluator: Engine) -> None:
         """Write `model.pt` when the key metric beats the best so far."""
