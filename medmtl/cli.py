@@ -31,7 +31,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         dicom_cases=args.dicom,
         spatial_dims=args.spatial_dims,
     )
-    print(f"wrote {args.cases} phantom cases: {dataset_json}")
+    exported = f" (+{args.dicom} held-out cases as a DICOM export)" if args.dicom else ""
+    print(f"wrote {args.cases} phantom cases{exported}: {dataset_json}")
     return 0
 
 
@@ -66,6 +67,19 @@ def _cmd_series(args: argparse.Namespace) -> int:
         print(f"no series matches the rule: {rule.describe()}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from medmtl.tracking import launch_ui
+
+    process = launch_ui(args.store, host=args.host, port=args.port)
+    print(f"MLflow UI for {args.store} at http://{args.host}:{args.port} (Ctrl-C to stop)")
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        return 0
 
 
 def add_series_rule_options(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="a DICOM export: study folder, series folder or any tree")
     add_series_rule_options(p)
     p.set_defaults(func=_cmd_series)
+
+    p = sub.add_parser(
+        "ui",
+        help="start the MLflow UI on a run's tracking store (127.0.0.1 by default)",
+        description="Serve the MLflow UI for a training output: an eval folder holding mlruns.db (e.g. "
+        "bundles/phantom_mtl/eval or <output_dir>/eval), a .db file or a database URI.",
+    )
+    p.add_argument("store", nargs="?", default="bundles/phantom_mtl/eval",
+                   help="eval folder, .db file or URI (default: bundles/phantom_mtl/eval)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.set_defaults(func=_cmd_ui)
 
     return parser
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medmtl.cli import main
-from medmtl.data.checks import affine_differences, check_dataset
+from medmtl.data.checks import affine_differences, check_dataset, require_valid_dataset
 from medmtl.data.datalist import write_dataset_json
 from medmtl.errors import MedmtlError
 
@@ -272,3 +272,20 @@ def test_garbage_file_and_test_section(tmp_path):
     test_report = check_dataset(root, "test")  # test entries have no label, and need none
     assert test_report.ok and [c.case_id for c in test_report.cases] == ["t"]
     assert test_report.cases[0].label is None
+
+
+def test_require_valid_dataset_stops_a_run_before_training(tmp_path):
+    good = _dataset(tmp_path / "good", {"a": {}, "b": {}})
+    assert require_valid_dataset(good) == good / "dataset.json"
+    with pytest.raises(SystemExit) as missing:
+        require_valid_dataset(tmp_path / "absent", hint="get it from X and pass --dataset_dir")
+    assert "absent: dataset folder not found" in str(missing.value.code)
+    assert str(missing.value.code).endswith("get it from X and pass --dataset_dir")
+    label = _label()
+    label[0, 0, 0] = 7
+    broken = _dataset(tmp_path / "broken", {"a": {}, "b": {"label": label}})
+    with pytest.raises(SystemExit) as bad:
+        require_valid_dataset(broken)
+    message = str(bad.value.code)
+    assert "nothing was trained" in message and "label values {7}" in message
+    assert "FAIL b" in message and "FAIL a" not in message  # only the broken case is listed

@@ -441,3 +441,34 @@ def check_dataset(
         logger.debug("%s", case.format())
         report.cases.append(case)
     return report
+
+
+def require_valid_dataset(dataset_dir: Path | str, hint: str = "") -> Path:
+    """Stop a training run before it starts when its dataset is missing or has broken cases.
+
+    Bundles call this first in `initialize`. It raises `SystemExit` with a short report rather than an
+    exception, because MONAI wraps an exception raised in a config expression in a long traceback.
+
+    Args:
+        dataset_dir: the MSD dataset folder.
+        hint: a line added when the dataset itself is missing (where to get it, which option to pass).
+
+    Returns:
+        the path of the dataset's `dataset.json`.
+
+    Raises:
+        SystemExit: the folder or its dataset.json is missing or unreadable, or any case fails the checks of
+            `check_dataset` (the failing lines are printed; warnings do not stop a run).
+    """
+    try:
+        report = check_dataset(dataset_dir)
+    except MedmtlError as err:
+        raise SystemExit(f"error: {err}" + (f"\n{hint}" if hint else "")) from None
+    if not report.ok:
+        failing = [f"FAIL {p}" for p in report.problems] + [c.format() for c in report.cases if not c.ok]
+        raise SystemExit(
+            f"error: {dataset_dir}: the dataset has problems, nothing was trained:\n"
+            + "\n".join(failing[:MAX_LISTED * 2])
+            + f"\n({report.format().splitlines()[-1]}; `medmtl check-data {dataset_dir}` prints the full report)"
+        )
+    return Path(dataset_dir) / "dataset.json"

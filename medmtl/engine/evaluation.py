@@ -16,9 +16,13 @@ rather than being dropped, so missing a structure is never rewarded.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -230,3 +234,37 @@ class MultiTaskEvaluation:
         """Write the epoch's metrics into `engine.state.metrics` and the rows into `engine.state.case_results`."""
         engine.state.metrics.update(self.summary())
         engine.state.case_results = list(self.cases)
+
+
+def write_evaluation_report(engine: Engine, path: str, extra: Mapping[str, Any] | None = None) -> str:
+    """Write an evaluator's metrics and per-case rows (without overlay arrays) to a JSON file, atomically.
+
+    Args:
+        engine: an evaluator that ran with `MultiTaskEvaluation` attached.
+        path: the JSON file to write.
+        extra: more top-level entries (e.g. the checkpoint evaluated).
+
+    Returns:
+        the path written.
+    """
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, (np.floating, np.integer)):
+            return clean(value.item())
+        return value
+
+    rows = getattr(engine.state, "case_results", [])
+    cases = [{k: clean(v) for k, v in row.items() if k != "overlay"} for row in rows]
+    report = {
+        "metrics": {k: clean(float(v)) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))},
+        "cases": cases,
+        **dict(extra or {}),
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, target)
+    return str(target)

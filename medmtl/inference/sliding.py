@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 
+from medmtl.engine.precision import autocast_forward
+
 _SPATIAL_HEADS = ("seg", "boundary")
 
 
@@ -51,6 +53,8 @@ class MultiHeadInferer(Inferer):
         slice_axis: for a 2D network on 3D volumes, the spatial axis (0, 1 or 2) to slice along.
         sw_device: device for the windows (default: the input's).
         device: device where the blended outputs are kept (default: the input's); "cpu" saves GPU memory.
+        cpu_bf16: run each window under CPU bfloat16 autocast (see `medmtl.engine.precision`); blending
+            stays float32.
 
     Returns (from `__call__`): a dict with "seg" (N, C, *spatial) logits, "boundary" (N, C-1, *spatial)
     when the network has that head, and "cls" (N, K) pooled logits when it has a classification head.
@@ -65,6 +69,7 @@ class MultiHeadInferer(Inferer):
         slice_axis: int | None = None,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
+        cpu_bf16: bool = False,
     ) -> None:
         super().__init__()
         kwargs = dict(
@@ -72,6 +77,7 @@ class MultiHeadInferer(Inferer):
             sw_device=sw_device, device=device, progress=False,
         )
         self.slice_axis = slice_axis
+        self.cpu_bf16 = bool(cpu_bf16)
         self._inferer = (
             SlidingWindowInferer(**kwargs) if slice_axis is None else SliceInferer(spatial_dim=slice_axis, **kwargs)
         )
@@ -80,7 +86,7 @@ class MultiHeadInferer(Inferer):
         self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
         """Run `network` over `inputs` (N, C_in, *spatial) window by window and blend the heads."""
-        maps = self._inferer(inputs, _cls_as_map(network), *args, **kwargs)
+        maps = self._inferer(inputs, _cls_as_map(autocast_forward(network, self.cpu_bf16)), *args, **kwargs)
         out = dict(maps)
         if "cls" in out:
             spatial_dims = tuple(range(2, out["cls"].ndim))
