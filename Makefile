@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 train: setup
-	bash scripts/train_default.sh
+	bash scripts/train_default.sh $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -103,9 +103,9 @@ def test_missing_dataset_stops_with_one_clear_line(tmp_path: Path):
     result = _bundle_run("training", [TRAIN], "--dataset_dir", str(missing), "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert f"{missing}/dataset.json not found" in last
-    assert "medicaldecathlon.com" in last and "--dataset_dir" in last
+    error, hint = result.stderr.strip().splitlines()[-2:]
+    assert error == f"error: {missing}: dataset folder not found"
+    assert "medicaldecathlon.com" in hint and "--dataset_dir" in hint
     assert not (tmp_path / "out").exists()  # stopped before writing anything
 
 
