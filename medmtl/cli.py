@@ -69,6 +69,60 @@ def _cmd_series(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_set(items: Sequence[str]) -> dict:
+    """``KEY=VALUE`` pairs from ``--set``; values read as YAML (numbers, lists, true/false, text)."""
+    import yaml
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            example = "--set pipeline#patch_size=[32,32,32]"
+            raise MedmtlError(f"--set {item!r}: expected KEY=VALUE, e.g. {example}")
+        try:
+            pairs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MedmtlError(f"--set {item!r}: the value is not valid YAML") from None
+    return pairs
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from medmtl.inference.batch import (
+        build_from_config,
+        load_inference_config,
+        merge_series_rule,
+        parse_formats,
+        run_batch,
+    )
+
+    overrides = _parse_set(args.set or [])
+    # the options below win over --set: they are the documented way to say these things
+    overrides.update(input_dir=str(args.input), output_dir=str(args.output))
+    if args.model is not None:
+        overrides["ckpt_file"] = str(args.model)
+    if args.overlap is not None:
+        overrides["overlap"] = args.overlap
+    if args.tta:
+        overrides["tta"] = True
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.formats is not None:
+        overrides["formats"] = parse_formats(args.formats)
+    if args.save_maps:
+        overrides["save_maps"] = True
+    if args.quiet:
+        overrides["quiet"] = True
+    parser = load_inference_config(args.bundle, overrides)
+    cli_rule = {
+        "modality": args.modality, "description": args.description, "min_slices": args.min_slices,
+        "largest": args.largest, "series_uid": args.series_uid,
+    }  # fmt: skip
+    parser["batch#rule"] = merge_series_rule(parser.get("_meta_", {}).get("input_series"), cli_rule)
+    predictor, batch = build_from_config(parser)
+    summary = run_batch(predictor, **batch)
+    return 0 if summary.ok else EXIT_FAILED
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from medmtl.tracking import launch_ui
 
@@ -133,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="a DICOM export: study folder, series folder or any tree")
     add_series_rule_options(p)
     p.set_defaults(func=_cmd_series)
+
+    p = sub.add_parser(
+        "infer",
+        help="segment NIfTI files, DICOM series or a whole scanner export with a bundle",
+        description="Segment every input under INPUT (a NIfTI file, a folder of NIfTI files, a DICOM series "
+        "folder or an export tree; DICOM series chosen by the bundle's metadata.json \"input_series\" or the "
+        "options below) with the bundle's configs/inference.yaml. Writes OUT/<name>/seg.nii.gz, seg.dcm "
+        "(DICOM inputs), report.json per input. Exits 1 if any input failed.",
+    )
+    p.add_argument("input", type=Path, help="NIfTI file, folder of NIfTI files, DICOM series or export tree")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (with configs/inference.yaml)")
+    p.add_argument("--model", type=Path, help="checkpoint (default: BUNDLE/models/model.pt)")
+    p.add_argument("--output", type=Path, required=True, help="output folder (outside INPUT)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (bundle default 0.5)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower for 3D)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    p.add_argument("--formats", help="comma-separated outputs among nifti,dicom-seg,report (default all)")
+    p.add_argument("--save-maps", action="store_true", help="also write probability and boundary maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info lines (errors still print)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an inference.yaml key (YAML value), e.g. pipeline#patch_size=[32,32,32]")
+    add_series_rule_options(p)
+    p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser(
         "ui",

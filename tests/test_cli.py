@@ -17,7 +17,7 @@ def test_version_and_help(capsys):
     assert "medmtl" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["synth", "check-data", "series", "ui"])
+@pytest.mark.parametrize("command", ["synth", "check-data", "series", "ui", "infer"])
 def test_every_command_has_help(command):
     out = subprocess.run(
         [sys.executable, "-m", "medmtl.cli", command, "--help"], capture_output=True, text=True, check=True
@@ -27,4 +27,4 @@ def test_every_command_has_help(command):
 
 def test_parser_lists_commands():
     choices = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
-    assert {"synth", "check-data", "series", "ui"} <= set(choices)
+    assert {"synth", "check-data", "series", "ui", "infer"} <= set(choices)

@@ -12,15 +12,13 @@ reading because they can quote tag values, patient names included.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
 import re
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from monai.utils import MetaKeys, ensure_tuple
 from pydicom.misc import is_dicom
 
 from medmtl.errors import MedmtlError
+from medmtl.quiet import MONAI_READER_NOISE, silenced
 
 logger = logging.getLogger(__name__)
 
@@ -94,26 +93,6 @@ class SeriesInfo:
         if not self.files:
             return None
         return Path(os.path.commonpath([str(f.parent) for f in self.files]))
-
-
-@contextlib.contextmanager
-def _quiet(*logger_names: str) -> Iterator[None]:
-    """Silence warnings and the named loggers (and pydicom's) for the duration.
-
-    pydicom warns and logs about malformed values and may quote them, patient names included; our own
-    messages say what is wrong instead.
-    """
-    loggers = [logging.getLogger(name) for name in ("pydicom", *logger_names)]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
 
 
 def short_uid(uid: str, keep: int = 8) -> str:
@@ -293,7 +272,7 @@ def discover_series(root: Path | str) -> list[SeriesInfo]:
     else:
         paths = sorted(Path(d) / name for d, _, names in os.walk(root) for name in names)
     groups: dict[str, list[_Header]] = defaultdict(list)
-    with _quiet():
+    with silenced("pydicom"):
         for path in paths:
             header = _read_header(path)
             if isinstance(header, str):
@@ -655,7 +634,7 @@ class DicomSeriesReader(PydicomReader):
         """
         files = [str(f) for f in ensure_tuple(data)]
         datasets = []
-        with _quiet():
+        with silenced("pydicom"):
             for name in files:
                 try:
                     datasets.append(pydicom.dcmread(name, **{**self.kwargs, **kwargs}))
@@ -685,7 +664,7 @@ class DicomSeriesReader(PydicomReader):
     def _get_array_data(self, img, filename):  # noqa: ANN001 - MONAI's signature
         """Pixel values with RescaleSlope/Intercept applied; a decoding failure names the file."""
         try:
-            with _quiet():
+            with silenced("pydicom"):
                 return super()._get_array_data(img, filename)
         except Exception as err:  # pixel decoders raise many types (truncated data, missing codec)
             raise MedmtlError(
@@ -713,7 +692,7 @@ def _single_slice_thickness(ds: pydicom.Dataset) -> float:
 def _loader() -> LoadImage:
     """One LoadImage for the process; building it instantiates MONAI's default readers."""
     # NvImgCodecPydicomReader warns and logs on every construction when nvImageCodec is absent (CPU setups)
-    with _quiet("monai.data.nvimgcodec_pydicom_plugin"):
+    with silenced("pydicom", MONAI_READER_NOISE):
         return LoadImage(reader=DicomSeriesReader, image_only=True, dtype=np.float32)
 
 

@@ -80,6 +80,7 @@ from monai.transforms import (
 
 from medmtl.data.transforms import ClassTargetd, SignedDistanced
 from medmtl.errors import MedmtlError
+from medmtl.quiet import MONAI_READER_NOISE, silenced
 
 __all__ = ["DEFAULTS", "AUGMENT_DEFAULTS", "validate_config", "train_transforms", "val_transforms",
            "inference_transforms"]
@@ -234,14 +235,16 @@ def _data_dims(c: Mapping[str, Any]) -> int:
     return 3 if c["slice_axis"] is not None else c["spatial_dims"]
 
 
-def _load_and_resample(c: Mapping[str, Any], keys: Sequence[str], modes: Sequence[str]) -> list:
-    """Load channel-first, reorient to RAS, resample; invertible except for the loading."""
+def _load_and_resample(c: Mapping[str, Any], keys: Sequence[str], modes: Sequence[str], load: bool = True) -> list:
+    """Load channel-first (unless the items hold MetaTensors already), reorient to RAS, resample; invertible
+    except for the loading."""
     dims = _data_dims(c)
-    ts: list = [
-        LoadImaged(keys, ensure_channel_first=True, image_only=True),
-        # labels=None: take the axis labels from the MetaTensor's space (RAS or LPS), MONAI's coming default
-        Orientationd(keys, axcodes="RAS"[:dims], labels=None),
-    ]
+    ts: list = []
+    if load:
+        with silenced(MONAI_READER_NOISE):  # building LoadImaged builds every reader; one warns on any CPU
+            ts.append(LoadImaged(keys, ensure_channel_first=True, image_only=True))
+    # labels=None: take the axis labels from the MetaTensor's space (RAS or LPS), MONAI's coming default
+    ts.append(Orientationd(keys, axcodes="RAS"[:dims], labels=None))
     if c["spacing"] is not None:
         ts.append(Spacingd(keys, pixdim=c["spacing"], mode=list(modes)))
     return ts
@@ -419,8 +422,6 @@ def inference_transforms(
     if not keys:
         raise MedmtlError("inference_transforms: keys must name at least the image key")
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    ts = _load_and_resample(c, keys, modes)
-    if not load:
-        ts = ts[1:]
+    ts = _load_and_resample(c, keys, modes, load=load)
     ts += _normalize(c, keys[0]) + [EnsureTyped(keys, dtype=np.float32, track_meta=True)]
     return Compose(ts)

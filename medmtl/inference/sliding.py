@@ -55,6 +55,7 @@ class MultiHeadInferer(Inferer):
         device: device where the blended outputs are kept (default: the input's); "cpu" saves GPU memory.
         cpu_bf16: run each window under CPU bfloat16 autocast (see `medmtl.engine.precision`); blending
             stays float32.
+        progress: show a progress bar over the windows (settable later through the `progress` attribute).
 
     Returns (from `__call__`): a dict with "seg" (N, C, *spatial) logits, "boundary" (N, C-1, *spatial)
     when the network has that head, and "cls" (N, K) pooled logits when it has a classification head.
@@ -70,17 +71,27 @@ class MultiHeadInferer(Inferer):
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
         cpu_bf16: bool = False,
+        progress: bool = False,
     ) -> None:
         super().__init__()
         kwargs = dict(
             roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
-            sw_device=sw_device, device=device, progress=False,
+            sw_device=sw_device, device=device, progress=progress,
         )
         self.slice_axis = slice_axis
         self.cpu_bf16 = bool(cpu_bf16)
         self._inferer = (
             SlidingWindowInferer(**kwargs) if slice_axis is None else SliceInferer(spatial_dim=slice_axis, **kwargs)
         )
+
+    @property
+    def progress(self) -> bool:
+        """Whether a progress bar over the windows is shown."""
+        return bool(self._inferer.progress)
+
+    @progress.setter
+    def progress(self, value: bool) -> None:
+        self._inferer.progress = bool(value)
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any

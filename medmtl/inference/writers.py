@@ -13,18 +13,15 @@ warnings quote attribute values, the patient's name included.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
-import logging
 import math
 import os
 import re
 import unicodedata
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from pydicom.sr.coding import Code
 import medmtl
 from medmtl.data.dicom import SeriesInfo
 from medmtl.errors import MedmtlError
+from medmtl.quiet import silenced
 
 SAFE_NAME_MAX = 80
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -146,22 +144,6 @@ def _link_into_place(tmp: Path, path: Path) -> None:
         if path.exists():
             raise MedmtlError(f"{path}: already exists; refusing to overwrite it") from None
         os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence warnings and highdicom's and pydicom's logging, which may quote patient attributes."""
-    loggers = [logging.getLogger(name) for name in ("highdicom", "pydicom")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +285,7 @@ def write_dicom_seg(
     description = series_description or f"medmtl {algorithm_name} segmentation"
     model = _lo(f"{algorithm_name} {algorithm_version}")
     try:
-        with _quiet():
+        with silenced("highdicom", "pydicom"):
             described = _segment_descriptions(names, algorithm_name, algorithm_version, segment_codes)
             seg = hd.seg.Segmentation(
                 source_images=sources,
@@ -328,7 +310,7 @@ def write_dicom_seg(
         raise MedmtlError(f"{series.label}: cannot build a DICOM SEG from this series ({reason})") from None
 
     def save(tmp: Path) -> None:
-        with _quiet():
+        with silenced("highdicom", "pydicom"):
             seg.save_as(tmp, enforce_file_format=True)
 
     return _atomic_write(Path(path), save, overwrite=overwrite)
@@ -417,7 +399,7 @@ def _read_sources(series: SeriesInfo) -> list[pydicom.Dataset]:
     sources = []
     for path in series.files:
         try:
-            with _quiet():
+            with silenced("highdicom", "pydicom"):
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:  # pydicom raises many types for corrupt files; all mean "unreadable"
             reason = f"not a readable DICOM file ({type(err).__name__})"
