@@ -173,9 +173,7 @@ def launch_ui(eval_dir_or_uri: str | Path, host: str = "127.0.0.1", port: int = 
     Raises:
         MedmtlError: see `ui_command`.
     """
-    argv = ui_command(eval_dir_or_uri, host=host, port=port)
-    logger.info("MLflow UI for %s at http://%s:%d", _redact(argv[5]), host, port)
-    return subprocess.Popen(argv)
+    return subprocess.Popen(ui_command(eval_dir_or_uri, host=host, port=port))
 
 
 def _ui_store(eval_dir_or_uri: str | Path) -> tuple[str, str | None]:
