@@ -39,24 +39,28 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 
-# dciodvfy (Debian's dicom3tools) validates the DICOM SEG files that medmtl writes (tests/test_writers.py).
-# Installed where apt-get can be used (root); elsewhere that one test skips and says why.
-if ! command -v dciodvfy >/dev/null 2>&1; then
+# Debian tools the tests use: dciodvfy (dicom3tools) validates DICOM SEG files, postgresql backs the team
+# MLflow server test, chromium renders the MLflow UI for the clinician-view test. Installed where apt-get can be
+# used (root); elsewhere the tests that need them skip and say why.
+apt_packages=()
+command -v dciodvfy >/dev/null 2>&1 || apt_packages+=(dicom3tools)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+if [ ${#apt_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing dicom3tools (dciodvfy) with apt-get"
+    echo "setup: installing ${apt_packages[*]} with apt-get"
     apt_log=$(mktemp)
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends dicom3tools; } >"$apt_log" 2>&1 \
-        || ! command -v dciodvfy >/dev/null 2>&1; then
+        apt-get install -y -qq --no-install-recommends "${apt_packages[@]}"; } >"$apt_log" 2>&1; then
       tail -n 20 "$apt_log" >&2
       rm -f "$apt_log"
-      echo "setup: could not install dicom3tools (it provides dciodvfy); see the apt-get output above" >&2
+      echo "setup: could not install ${apt_packages[*]}; see the apt-get output above" >&2
       exit 1
     fi
     rm -f "$apt_log"
   else
-    echo "setup: dciodvfy not found and not installable here (needs apt-get as root); the DICOM SEG" \
-      "validation test will skip (install Debian's dicom3tools to run it)"
+    echo "setup: ${apt_packages[*]} missing and not installable here (needs apt-get as root);" \
+      "the tests that need them will skip"
   fi
 fi
 echo "setup: ready ($("$PY" -c 'import torch, monai; print(f"torch {torch.__version__}, monai {monai.__version__}")'))"

@@ -73,6 +73,17 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device | None = 
         raise MedmtlError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
 
 
+def is_rank0() -> bool:
+    """True outside distributed training and on its rank 0: the one process that writes files."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper, so `model.pt` keys carry no "module." prefix."""
+    return getattr(network, "module", network)
+
+
 def network_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     """The network weights in a checkpoint: a bare state dict (`model.pt`) or the "network" entry (`last.pt`)."""
     return checkpoint["network"] if "network" in checkpoint else checkpoint
@@ -154,21 +165,24 @@ class TrainingCheckpoints:
             evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save_if_best)
 
     def save_if_best(self, evaluator: Engine) -> None:
-        """Write `model.pt` when the key metric beats the best so far."""
+        """Write `model.pt` when the key metric beats the best so far (every rank tracks it, rank 0 writes)."""
         value = evaluator.state.metrics.get(self.key_metric, float("nan"))
         if isinstance(value, float) and not math.isnan(value) and value > self.best_metric:
             self.best_metric, self.best_epoch = float(value), int(evaluator.state.epoch)
-            atomic_torch_save(self.network.state_dict(), self.model_path)
+            if not is_rank0():
+                return
+            atomic_torch_save(_unwrap(self.network).state_dict(), self.model_path)
             logger.info(f"epoch {self.best_epoch}: new best {self.key_metric} {value:.4f}, saved {self.model_path}")
 
     def save_last(self, trainer: Engine) -> None:
-        """Write `last.pt` with every object needed to resume."""
-        atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.last_path)
+        """Write `last.pt` with every object needed to resume (rank 0 only in a distributed run)."""
+        if is_rank0():
+            atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.last_path)
 
     def save_final_if_no_best(self, trainer: Engine) -> None:
         """Without any validation result (e.g. validation never ran), keep the final weights as `model.pt`."""
-        if not self.model_path.exists():
-            atomic_torch_save(self.network.state_dict(), self.model_path)
+        if is_rank0() and not self.model_path.exists():
+            atomic_torch_save(_unwrap(self.network).state_dict(), self.model_path)
             logger.info(f"no validation result to pick a best model; saved the final weights to {self.model_path}")
 
     def state_dict(self) -> dict[str, Any]:
