@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,13 +129,40 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from medmtl.tracking import launch_ui
 
     process = launch_ui(args.store, host=args.host, port=args.port)
-    print(f"MLflow UI for {args.store} at http://{args.host}:{args.port} (Ctrl-C to stop)")
+    # MLflow 3 opens experiments in its GenAI view; this link opens the training-runs view directly
+    url = f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning"
+    print(f"MLflow UI for {args.store} at {url} (Ctrl-C to stop)", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # stopping `medmtl ui` stops the server it started
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)  # the server runs in its own session, workers included
         process.wait()
         return 0
+
+
+def _cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    from medmtl.tracking import sync_pending_runs
+
+    results = sync_pending_runs(args.eval_dir, tracking_uri=args.tracking_uri)
+    if not results:
+        print(f"{args.eval_dir}: no pending MLflow runs (nothing to sync)")
+        return 0
+    for result in results:
+        if result.ok:
+            print(f"synced {result.journal.name}: {result.records} records -> run {result.run_id}")
+        else:
+            print(f"medmtl sync-mlflow: not uploaded: {result.error}", file=sys.stderr)
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} of {len(results)} journals uploaded to {results[0].store}")
+    if failed:
+        print("medmtl sync-mlflow: run it again once the store is reachable (it resumes safely)", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def add_series_rule_options(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser(
+        "sync-mlflow",
+        help="upload the runs a training kept locally while its MLflow store was unreachable",
+        description="Replay the journals in EVAL_DIR/mlflow_pending (written when the tracking store could not "
+        "be reached) into an MLflow store: the run with its params, metrics (original steps and timestamps), "
+        "artifacts, tags and final status. Uploaded journals are renamed *.jsonl.synced, so running it again "
+        "does nothing; an interrupted sync is resumed by running it again. Exits 1 if anything was not uploaded.",
+    )
+    p.add_argument("eval_dir", type=Path, help="the training's eval folder (holding mlflow_pending/)")
+    p.add_argument("--tracking-uri", help="store to upload to (default: MLFLOW_TRACKING_URI, else EVAL_DIR/mlruns.db)")
+    p.set_defaults(func=_cmd_sync_mlflow)
 
     return parser
 

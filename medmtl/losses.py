@@ -49,8 +49,9 @@ class MultiTaskLoss(nn.Module):
       ``1/(2 sigma^2)`` factors and ``log sigma`` regulariser. The ``s_t`` are ``nn.Parameter`` of this
       module: **the optimizer must include** ``loss.parameters()``
       (e.g. ``[*net.parameters(), *loss.parameters()]``) and the module must be moved to the network's
-      device. Under DDP they are outside the DDP-wrapped network, so their gradients are not averaged
-      across ranks. ``weights`` is not used. The total can be negative.
+      device. Under DDP they are outside the DDP-wrapped network: the bundles' ``multi_gpu_train.yaml``
+      averages their gradients with ``medmtl.engine.distributed.AverageGradients``. ``weights`` is not
+      used. The total can be negative.
 
     Args:
         num_classes: segmentation classes C, background included.

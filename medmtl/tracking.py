@@ -10,12 +10,15 @@
 - at the end the best checkpoint as `model/model.pt` and a run description (dataset, heads, best Dice).
 
 Every MLflow call goes through `_Sink.call`: a tracking store that fails (server down, disk full) is warned
-about once and never stops training. Nothing here reads DICOM headers; params, tags, config and table
-columns named like patient identifiers are dropped anyway (`scrub_identifiers`).
+about once and never stops training. From then on the run is written to a journal,
+`<eval_dir>/mlflow_pending/<key>.jsonl` (+ copies of its artifacts), without contacting the store again;
+`sync_pending_runs` (`medmtl sync-mlflow EVAL_DIR`) uploads it later. Nothing here reads DICOM headers; params,
+tags, config and table columns named like patient identifiers are dropped anyway (`scrub_identifiers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -28,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -52,13 +57,17 @@ from monai.utils import path_to_sqlite_uri
 from medmtl.errors import MedmtlError
 
 __all__ = [
+    "JOURNAL_TAG",
     "MLflowTracker",
+    "PENDING_FOLDER",
+    "SyncResult",
     "drop_duplicate_mlflow_handlers",
     "flatten_params",
     "launch_ui",
     "render_overlay",
     "resolve_tracking_uri",
     "scrub_identifiers",
+    "sync_pending_runs",
     "ui_command",
     "write_case_table",
 ]
@@ -156,7 +165,7 @@ def ui_command(eval_dir_or_uri: str | Path, host: str = "127.0.0.1", port: int =
     ]
     if artifact_root:
         argv += ["--default-artifact-root", artifact_root]
-    return argv
+    return argv + ["--workers", "1"]  # one person's local UI: 1 worker starts in seconds, 4 take ~30 s here
 
 
 def launch_ui(eval_dir_or_uri: str | Path, host: str = "127.0.0.1", port: int = 5000) -> subprocess.Popen:
@@ -173,7 +182,9 @@ def launch_ui(eval_dir_or_uri: str | Path, host: str = "127.0.0.1", port: int = 
     Raises:
         MedmtlError: see `ui_command`.
     """
-    return subprocess.Popen(ui_command(eval_dir_or_uri, host=host, port=port))
+    # MLflow's background job runner starts several processes that the UI of training runs never uses
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.Popen(ui_command(eval_dir_or_uri, host=host, port=port), env=env, start_new_session=True)
 
 
 def _ui_store(eval_dir_or_uri: str | Path) -> tuple[str, str | None]:
@@ -424,21 +435,146 @@ def _safe_filename(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MLflow calls that never stop training
+# MLflow calls that never stop training, and the offline journal they fall back to
+
+PENDING_FOLDER = "mlflow_pending"  # journals of runs that could not reach the store, inside the eval folder
+JOURNAL_TAG = "medmtl.journal"  # run tag naming the journal a run was uploaded from (finds it on a re-sync)
+_JOURNAL = ".jsonl"  # waiting for a sync
+_CLAIMED = ".jsonl.syncing"  # taken by a sync that has not finished (interrupted, or failed)
+_SYNCED = ".jsonl.synced"  # uploaded; kept for the record, never read again
+
+# MLflow's HTTP defaults (7 retries with exponential backoff, about 4 minutes; 120 s timeout) block a training
+# for minutes per call when the server is down. The tracker's calls use these unless the user set the variables:
+# the journal keeps what a failed call would have logged, so retrying buys nothing. The timeout only matters for
+# a host that never answers (a refused connection fails at once); it leaves a slow but live server time to reply.
+_SHORT_HTTP_WAITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+# Error codes of a store that answered and refused the request: journaling it would only fail again at sync.
+_REJECTED = frozenset(
+    {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
+)
+
+
+@contextlib.contextmanager
+def _short_http_waits() -> Iterator[None]:
+    """Short MLflow HTTP timeouts and no retries for the calls inside (MLflow reads them at each request)."""
+    added = {k: v for k, v in _SHORT_HTTP_WAITS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _store_unreachable(err: BaseException) -> bool:
+    """Whether `err` means the store could not take the call (down, unreachable, full), not that it refused it."""
+    if isinstance(err, MedmtlError):  # e.g. a deleted experiment: the user must act, a sync would fail too
+        return False
+    return not (isinstance(err, MlflowException) and err.error_code in _REJECTED)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Journal:
+    """What one run would have logged to MLflow, kept on disk while the store is unreachable.
+
+    `<folder>/<key>.jsonl` holds one JSON object per line, in order. Each is named (`op`) after the
+    `MlflowClient` method that replays it: `run` (create or continue the run: experiment, name, tags, params;
+    written first, and again after each restart), `log_batch` (metrics with their step and timestamp, params,
+    tags), `log_dict`, `log_artifact`/`log_artifacts` (files copied to `<folder>/<key>/NNNN/`) and
+    `set_terminated` (final status). Every line is flushed and fsynced: a crash loses nothing written before it.
+    """
+
+    def __init__(self, folder: Path, key: str, header: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.key = key
+        self.header = dict(header)
+        self.path = folder / f"{key}{_JOURNAL}"
+        self._header_written = False
+        self._next = 0  # next artifact copy number; 0: not yet looked up
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record (after the run header if this process has not written it, or a sync took the file)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        records = [record]
+        if not self._header_written or not self.path.exists():
+            records.insert(0, self.header)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self._header_written = True
+
+    def stash(self, source: Path | str) -> str:
+        """Copy an artifact file or folder (links followed) into the journal; returns its path inside `folder`."""
+        root = self.folder / self.key
+        if not self._next:  # after a restart, carry on after the copies already there
+            self._next = 1 + max((int(p.name) for p in root.glob("[0-9]*") if p.name.isdigit()), default=0)
+        target = root / f"{self._next:04d}"
+        self._next += 1
+        source = Path(source)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.mkdir(parents=True)
+            shutil.copy2(source, target / source.name)
+        for path in [target, *target.rglob("*")]:
+            if path.is_file():
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+        copied = target if source.is_dir() else target / source.name
+        return copied.relative_to(self.folder).as_posix()
+
+
+def _journal_record(journal: _Journal, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict:
+    """The journal record of `MlflowClient.<method>(run_id, *args, **kwargs)` (run id left out)."""
+    if method == "log_batch":
+        record: dict[str, Any] = {"op": method}
+        if kwargs.get("metrics"):
+            record["metrics"] = [
+                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in kwargs["metrics"]
+            ]
+        for field in ("params", "tags"):
+            if kwargs.get(field):
+                record[field] = {item.key: item.value for item in kwargs[field]}
+        return record
+    if method == "log_dict":
+        return {"op": method, "dictionary": args[0], "artifact_file": args[1]}
+    if method in ("log_artifact", "log_artifacts"):
+        artifact_path = args[1] if len(args) > 1 else kwargs.get("artifact_path")
+        source = "local_path" if method == "log_artifact" else "local_dir"
+        return {"op": method, source: journal.stash(args[0]), "artifact_path": artifact_path}
+    if method == "set_terminated":
+        status = args[0] if args else kwargs.get("status", RunStatus.to_string(RunStatus.FINISHED))
+        return {"op": method, "status": status, "end_time": _now_ms()}
+    raise ValueError(f"MlflowClient.{method} cannot be journaled")
 
 
 class _Sink:
     """Every MLflow call of a tracker goes through `call`.
 
-    A failing store is warned about once (later failures at debug level) and the call returns None: tracking
-    must never stop training. This is also the one place where a local buffer for offline runs (replayed
-    later by a sync command) will go.
+    While the store answers, calls go to it. The first call that cannot reach it (server down, database
+    unavailable) is warned about once and switches the tracker to its journal for the rest of the run:
+    that call and every later one is appended to `<journal_dir>/<key>.jsonl` instead, without touching the
+    store again, so training speed is unaffected. `medmtl sync-mlflow` uploads the journal later. Other
+    failures (a refused request, a broken overlay) are warned about once and dropped: tracking must never
+    stop training.
     """
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, journal_dir: Path) -> None:
         self.tracking_uri = tracking_uri
+        self.journal_dir = journal_dir
+        self.journal_key: str | None = None  # set once a run is journaled, and by a checkpoint that says so
+        self.journal: _Journal | None = None
+        self.run_info: dict[str, Any] = {}  # what a journal needs to create the run later (set by the tracker)
         self._client: MlflowClient | None = None
         self.warned = False
+        self._journal_warned = False
 
     @property
     def client(self) -> MlflowClient:
@@ -452,14 +588,52 @@ class _Sink:
         return self._client
 
     def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """`client.<method>(*args, **kwargs)`, or None after reporting a failure."""
+        """`client.<method>(run_id, *args, **kwargs)`, journaled when the store is unreachable; None on failure."""
+        if self.journal is None:
+            try:
+                with _short_http_waits():
+                    return getattr(self.client, method)(*args, **kwargs)
+            except Exception as err:  # MlflowException, connection errors, disk errors
+                if not self.outage(what, err, run_id=args[0] if args else None):
+                    return None
         try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except Exception as err:  # MlflowException, connection errors, disk errors: all the same here
-            self.failed(what, err)
-            return None
+            self.journal.append(_journal_record(self.journal, method, args[1:], kwargs))
+        except Exception as err:  # a full disk: nothing more can be done than saying so
+            if not self._journal_warned:
+                self._journal_warned = True
+                logger.warning("MLflow offline journal %s: could not record %s: %s", self.journal.path, what, err)
+        return None
 
-    def failed(self, what: str, err: BaseException) -> None:
+    def outage(self, what: str, err: BaseException, run_id: str | None) -> bool:
+        """Report a failed call; switch to the journal if the store is unreachable.
+
+        Returns:
+            Whether the run is now journaled (the call should be recorded there).
+        """
+        if not _store_unreachable(err) or not self.run_info:
+            self.failed(what, err)
+            return False
+        journal = self.open_journal(run_id)
+        self.warned = False  # the switch is always worth its one warning, whatever was reported before
+        folder = self.journal_dir
+        eval_dir = folder.parent if folder.name == PENDING_FOLDER else folder
+        self.failed(
+            what,
+            err,
+            f"Training goes on; this run is kept in {journal.path} until `medmtl sync-mlflow {eval_dir}` "
+            "uploads it",
+        )
+        return True
+
+    def open_journal(self, run_id: str | None) -> _Journal:
+        """Journal the run from now on (the checkpoint's journal key if any, else a new one)."""
+        if self.journal_key is None:
+            self.journal_key = f"{_safe_filename(str(self.run_info.get('run_name', 'run')))}-{uuid.uuid4().hex[:8]}"
+        header = {"op": "run", "run_id": run_id, "start_time": _now_ms(), **self.run_info}
+        self.journal = _Journal(self.journal_dir, self.journal_key, header)
+        return self.journal
+
+    def failed(self, what: str, err: BaseException, consequence: str | None = None) -> None:
         """Report a tracking failure: a warning the first time, debug level afterwards."""
         reason = (str(err).strip().splitlines() or [""])[0][:300]
         where = _redact(self.tracking_uri)
@@ -468,7 +642,36 @@ class _Sink:
             logger.debug(message)
             return
         self.warned = True
-        logger.warning("%s. Training goes on; further tracking failures are logged at debug level.", message)
+        consequence = consequence or "Training goes on; further tracking failures are logged at debug level"
+        logger.warning("%s. %s.", message, consequence)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created (with `artifact_location`) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:  # another process created it meanwhile
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise MedmtlError(f"MLflow experiment {name!r} is deleted; restore it or use another name")
+    return experiment.experiment_id
+
+
+def _journal_folder(journal_dir: Path | str | None, artifact_dir: Path | str) -> Path:
+    """`journal_dir` as an absolute path; by default `mlflow_pending` beside a local `artifact_dir`."""
+    if journal_dir is not None:
+        return Path(journal_dir).expanduser().absolute()
+    text = str(artifact_dir)
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path)).parent / PENDING_FOLDER
+    if len(parts.scheme) > 1:  # s3://, gs://: no local folder to put it beside
+        return Path.cwd() / PENDING_FOLDER
+    return Path(text).expanduser().absolute().parent / PENDING_FOLDER
 
 
 class _OpenRun:
@@ -550,6 +753,7 @@ class MLflowTracker:
         tags: Mapping[str, Any] | None = None,
         key_metric: str = "val/mean_dice",
         n_worst: int = 3,
+        journal_dir: Path | str | None = None,
     ) -> None:
         """
         Args:
@@ -569,13 +773,19 @@ class MLflowTracker:
             tags: more run tags.
             key_metric: evaluator metric whose maximum is reported as the best (higher is better).
             n_worst: number of worst validation cases drawn as overlays.
+            journal_dir: where the run is journaled while the store is unreachable (for `medmtl sync-mlflow`);
+                default `mlflow_pending` next to `artifact_dir` (`<eval_dir>/mlflow_pending` for the
+                convention above; in the working directory when `artifact_dir` is a remote URI).
         """
         self.experiment_name = experiment_name
         self.artifact_dir = artifact_dir
         self.label_names = {int(k): str(v) for k, v in label_names.items()}
         self.params = flatten_params(params)
         self.config = config
-        self.run_name = run_name or f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # readable in the UI's run list, which cuts long names: what was trained, with which heads, when
+        self.run_name = run_name or " ".join(
+            [dataset or experiment_name, "+".join(heads or []) or "run", time.strftime("%m-%d %H:%M:%S")]
+        )
         self.description = description
         self.best_checkpoint = best_checkpoint
         self.dataset = dataset
@@ -588,7 +798,7 @@ class MLflowTracker:
         self.n_worst = n_worst
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
-        self._sink = _Sink(tracking_uri)
+        self._sink = _Sink(tracking_uri, _journal_folder(journal_dir, artifact_dir))
         self._run_id: str | None = None  # set by a new run or by load_state_dict
         self._open = _OpenRun()
         self._open.sink = self._sink
@@ -602,20 +812,32 @@ class MLflowTracker:
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id, None before the run started."""
+        """The MLflow run id, None before the run started or while a run that started offline is journaled."""
         return self._run_id
+
+    @property
+    def journal(self) -> Path | None:
+        """The journal file this run is kept in while the store is unreachable, None while it is online."""
+        return self._sink.journal.path if self._sink.journal is not None else None
 
     # -- checkpointing --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """State for a checkpoint: `{"run_id", "best_metric", "best_epoch"}`.
+        """State for a checkpoint: `{"run_id", "journal", "best_metric", "best_epoch"}`.
 
-        Starts the run if it has not started yet, so that a checkpoint always names the run; an ended run is
-        not reopened (a final checkpoint saved after the tracker finished the run at COMPLETED).
+        `journal` is the local key of a run kept in the offline journal (None while online); a run that was
+        journaled stays journaled after a restart. Starts the run if it has not started yet, so that a
+        checkpoint always names the run; an ended run is not reopened (a final checkpoint saved after the
+        tracker finished the run at COMPLETED).
         """
-        if self._run_id is None:
+        if self._run_id is None and self._sink.journal_key is None:
             self._ensure_run()
-        return {"run_id": self._run_id, "best_metric": self.best_metric, "best_epoch": self.best_epoch}
+        return {
+            "run_id": self._run_id,
+            "journal": self._sink.journal_key,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run named by a checkpoint (MONAI's CheckpointLoader calls this at Events.STARTED).
@@ -623,15 +845,16 @@ class MLflowTracker:
         Args:
             state: a `state_dict()` result.
         """
-        run_id = state.get("run_id")
-        if self._open.run_id is not None and run_id != self._open.run_id:
+        run_id, journal_key = state.get("run_id"), state.get("journal")
+        if self._open.run_id is not None and (run_id, journal_key) != (self._run_id, self._sink.journal_key):
             logger.warning(
                 "MLflow run %s is already open; not switching to %s from the checkpoint",
                 self._open.run_id,
-                run_id,
+                run_id or journal_key,
             )
             return
         self._run_id = run_id
+        self._sink.journal_key = journal_key
         self.best_metric = state.get("best_metric")
         self.best_epoch = state.get("best_epoch")
 
@@ -736,15 +959,49 @@ class MLflowTracker:
             return self._open.run_id
         if not _is_rank0():
             return None
+        self._sink.run_info = self._journal_info()
+        resumed_config = f"config/resolved_config_resumed_{time.strftime('%Y%m%d-%H%M%S')}.json"
+        if self._sink.journal_key is not None:  # journaled once, journaled for good: one place to sync from
+            if self._sink.journal is None:
+                logger.warning(
+                    "MLflow: the checkpoint's run is kept offline in %s; upload it with `medmtl sync-mlflow`",
+                    self._sink.open_journal(self._run_id).path,
+                )
+            else:  # reopened after it ended: a new header sets it running again when replayed
+                self._sink.open_journal(self._run_id)
+            return self._open_offline(resumed_config)
+        resuming = self._run_id is not None
         try:
-            run_id = self._resume_run(self._run_id) if self._run_id else None
-            if run_id is None and self._run_id is None:
-                run_id = self._create_run()
+            with _short_http_waits():
+                run_id = self._resume_run(self._run_id) if self._run_id else None
+                if run_id is None and self._run_id is None:
+                    run_id = self._create_run()
         except Exception as err:  # a store that cannot be opened must not stop training either
-            self._sink.failed("starting the run", err)
-            return None
+            if not self._sink.outage("starting the run", err, run_id=self._run_id):
+                return None
+            return self._open_offline(resumed_config if resuming else "config/resolved_config.json")
+        if self._sink.journal is not None:  # the store failed halfway through setting the run up
+            return self._open_offline(None)
         self._open.run_id = run_id
         return run_id
+
+    def _open_offline(self, config_file: str | None) -> str:
+        """Mark the journaled run open and journal its config; returns the id the handlers pass around."""
+        key = self._sink.journal_key
+        self._open.run_id = self._run_id or f"journal:{key}"  # the MLflow id when the run was created before
+        if config_file:
+            self._log_config(self._open.run_id, config_file)
+        return self._open.run_id
+
+    def _journal_info(self) -> dict[str, Any]:
+        """What the journal records about the run so that a sync can create it (header of each session)."""
+        return {
+            "experiment": self.experiment_name,
+            "artifact_dir": str(self.artifact_dir),
+            "run_name": self.run_name,
+            "tags": self._start_tags(),
+            "params": self.params,
+        }
 
     def _resume_run(self, run_id: str) -> str | None:
         """Set the checkpoint's run RUNNING again; a run missing from this store is replaced by a new one."""
@@ -786,22 +1043,7 @@ class MLflowTracker:
     def _create_run(self) -> str:
         """Create the run (and the experiment) and log params, tags and config."""
         client = self._sink.client
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            try:
-                experiment_id = client.create_experiment(
-                    self.experiment_name, artifact_location=self._artifact_location()
-                )
-            except MlflowException as err:  # another process created it meanwhile
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment_id = client.get_experiment_by_name(self.experiment_name).experiment_id
-        elif experiment.lifecycle_stage != "active":
-            raise MedmtlError(
-                f"MLflow experiment {self.experiment_name!r} is deleted; restore it or use another name"
-            )
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = _experiment_id(client, self.experiment_name, self._artifact_location())
         run = client.create_run(experiment_id, run_name=self.run_name, tags=self._start_tags())
         run_id = run.info.run_id
         self._run_id = run_id
@@ -944,6 +1186,224 @@ class MLflowTracker:
                     label_values=sorted(self.label_names),
                 )
             self._sink.call(f"logging validation artifacts of {epoch}", "log_artifacts", run_id, tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Uploading journaled runs later (`medmtl sync-mlflow`)
+
+
+@dataclass
+class SyncResult:
+    """What became of one journal file.
+
+    Attributes:
+        journal: the journal file as it was found.
+        store: the tracking URI it was uploaded to, without a password.
+        run_id: the MLflow run it was uploaded to (None if it failed before the run was known).
+        records: journal records replayed.
+        error: why it could not be uploaded, one line naming the file and line; None when uploaded.
+    """
+
+    journal: Path
+    store: str = ""
+    run_id: str | None = None
+    records: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the whole journal was uploaded."""
+        return self.error is None
+
+
+def sync_pending_runs(eval_dir: Path | str, tracking_uri: str | None = None) -> list[SyncResult]:
+    """Upload the journals of runs that could not reach their MLflow store (`<eval_dir>/mlflow_pending`).
+
+    Each journal is renamed `<key>.jsonl.syncing` first (a training still writing to it starts a new
+    `<key>.jsonl`), replayed in order, then renamed `<key>.jsonl.synced`: a second sync finds nothing to do.
+    A run is created with its original name, start time, tags and params, or continued when the journal names
+    a run id the store has; metrics keep their steps and timestamps. A sync that is interrupted or fails leaves
+    the `.syncing` file, and the next sync replays it from the start into the same run (found by its run id or
+    its `medmtl.journal` tag): replaying is idempotent (equal params are accepted, an identical metric is
+    stored once, artifacts and tags are overwritten, the status is set again).
+
+    Args:
+        eval_dir: the training's eval folder (or its `mlflow_pending` folder).
+        tracking_uri: the store to upload to; default `resolve_tracking_uri(eval_dir)`, i.e.
+            `MLFLOW_TRACKING_URI` or `<eval_dir>/mlruns.db`.
+
+    Returns:
+        One result per journal file, in upload order; empty when nothing is pending. Journals of one run stop at
+        its first failure (later ones stay pending).
+
+    Raises:
+        MedmtlError: `eval_dir` is not a folder, or the tracking URI is not a usable store.
+    """
+    eval_dir = Path(eval_dir).expanduser()
+    if not eval_dir.is_dir():
+        raise MedmtlError(f"{eval_dir}: not a folder (expected a training's eval folder)")
+    if eval_dir.name == PENDING_FOLDER:
+        eval_dir = eval_dir.parent
+    folder = eval_dir / PENDING_FOLDER
+    uri = resolve_tracking_uri(eval_dir, tracking_uri)
+    keys = sorted({p.name.split(".jsonl")[0] for p in folder.glob("*.jsonl*") if not p.name.endswith(_SYNCED)})
+    if not keys:
+        return []
+    client = _open_store(uri)
+    results = []
+    with _short_http_waits():
+        for key in keys:
+            for journal in (folder / f"{key}{_CLAIMED}", folder / f"{key}{_JOURNAL}"):
+                if not journal.exists():
+                    continue
+                result = _sync_journal(client, uri, journal, key)
+                results.append(result)
+                if not result.ok:
+                    break
+    return results
+
+
+def _open_store(uri: str) -> MlflowClient:
+    """An MLflow client on `uri`; a URI MLflow cannot use is a user error."""
+    db = _sqlite_path(uri)
+    try:
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)  # checks the scheme; a server is first contacted later
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise MedmtlError(f"tracking URI {_redact(uri)!r}: cannot open the MLflow store ({reason})") from None
+    return client
+
+
+def _sync_journal(client: MlflowClient, uri: str, journal: Path, key: str) -> SyncResult:
+    """Claim one journal file, replay it, mark it synced."""
+    result = SyncResult(journal=journal, store=_redact(uri))
+    claimed = journal.with_name(f"{key}{_CLAIMED}")
+    try:
+        if journal != claimed:
+            journal.rename(claimed)
+        lines = claimed.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        result.error = f"{journal}: cannot read it ({err})"
+        return result
+    run_id: str | None = None
+    op = None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            op = record.get("op")
+            if op == "run":
+                run_id = _replay_run(client, uri, record, key, run_id)
+            elif run_id is None:
+                raise ValueError("the journal does not start with a run record")
+            else:
+                _replay(client, claimed.parent, run_id, record)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line cut short by a crash while it was being written
+                logger.warning("%s line %d: cut short, ignored", claimed, number)
+                continue
+            result.error = f"{claimed} line {number}: not a JSON record"
+            return result
+        except Exception as err:  # an unreachable store, a refused call, a missing artifact copy
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            result.error = f"{claimed} line {number} ({op}): {type(err).__name__}: {reason}"
+            result.run_id = run_id
+            return result
+        result.records += 1
+    result.run_id = run_id
+    synced = claimed.with_name(f"{key}{_SYNCED}")
+    number = 1
+    while synced.exists():  # journals of one run synced before (it went on offline after a sync)
+        number += 1
+        synced = claimed.with_name(f"{key}{_SYNCED}.{number}")
+    claimed.rename(synced)
+    return result
+
+
+def _replay_run(client: MlflowClient, uri: str, record: Mapping[str, Any], key: str, run_id: str | None) -> str:
+    """Create the run of a journal, or set it running again; log its new params and its tags."""
+    run_id = run_id or _find_run(client, record, key)
+    if run_id is None:
+        artifact_location = _sync_artifact_location(uri, record.get("artifact_dir"))
+        experiment_id = _experiment_id(client, record["experiment"], artifact_location)
+        # tagged at creation: an interrupted sync finds this run again instead of creating a second one
+        run = client.create_run(
+            experiment_id, start_time=record.get("start_time"), tags={JOURNAL_TAG: key}, run_name=record.get("run_name")
+        )
+        run_id, logged = run.info.run_id, {}
+    else:
+        logged = client.get_run(run_id).data.params
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    params = dict(record.get("params") or {})
+    tags = {**(record.get("tags") or {}), JOURNAL_TAG: key}
+    # MLflow refuses to change a logged param: as on an online resume, log new ones and record the change
+    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+    if changed:
+        tags["medmtl.params_changed_on_resume"] = ", ".join(changed)[:MAX_TAG_VAL_LENGTH]
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=new[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+    return run_id
+
+
+def _find_run(client: MlflowClient, record: Mapping[str, Any], key: str) -> str | None:
+    """The run a journal continues: the run id it names if the store has it, else the run tagged with `key`."""
+    if record.get("run_id"):
+        try:
+            run = client.get_run(record["run_id"])
+            if run.info.lifecycle_stage == "active":
+                return run.info.run_id
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    experiment = client.get_experiment_by_name(record["experiment"])
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{JOURNAL_TAG}` = '{key}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _sync_artifact_location(uri: str, artifact_dir: str | None) -> str | None:
+    """Artifact root of an experiment created by a sync: a URI given to the tracker, else next to the store."""
+    if artifact_dir and len(urlsplit(artifact_dir).scheme) > 1:
+        return artifact_dir
+    if urlsplit(uri).scheme in _REMOTE_SCHEMES:
+        return None  # the server's own artifact store
+    db = _sqlite_path(uri)
+    if db is not None:
+        return (db.parent / ARTIFACT_FOLDER).as_uri()
+    return Path(artifact_dir).absolute().as_uri() if artifact_dir else None
+
+
+def _replay(client: MlflowClient, folder: Path, run_id: str, record: Mapping[str, Any]) -> None:
+    """Replay one journal record (other than `run`) into `run_id`."""
+    op = record.get("op")
+    if op == "log_batch":
+        client.log_batch(
+            run_id,
+            metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in record.get("metrics", [])],
+            params=[Param(k, v) for k, v in record.get("params", {}).items()],
+            tags=[RunTag(k, v) for k, v in record.get("tags", {}).items()],
+        )
+    elif op == "log_dict":
+        client.log_dict(run_id, record["dictionary"], record["artifact_file"])
+    elif op in ("log_artifact", "log_artifacts"):
+        local = folder / record["local_path" if op == "log_artifact" else "local_dir"]
+        if not local.exists():
+            raise FileNotFoundError(f"{local}: the journal's copy of the artifact is missing")
+        getattr(client, op)(run_id, str(local), record.get("artifact_path"))
+    elif op == "set_terminated":
+        client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
+    else:
+        raise ValueError(f"unknown journal operation {op!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -287,3 +287,10 @@ def test_argmax_matches_torch_including_ties():
     maps[:, 0, 0, 0] = 0.25  # a four-way tie goes to class 0
     maps[2:, 1, 0, 0] = 0.9  # a tie between 2 and 3 goes to 2
     np.testing.assert_array_equal(_argmax_channels(maps).numpy(), torch.argmax(maps, dim=0).numpy())
+
+
+def test_absurd_voxel_size_is_refused_before_resampling():
+    p = predictor(pipeline=pipeline(spacing=[1.0, 1.0, 1.0]))
+    image = MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.diag(torch.tensor([500.0, 500.0, 500.0, 1.0])))
+    with pytest.raises(MedmtlError, match="would make .* voxels .* check the voxel size"):
+        p.predict(image, name="bogus.nii.gz")

@@ -206,7 +206,13 @@ def test_one_run_with_params_metrics_tables_overlays_config_and_model(store_uri,
     assert "Phantom smoke run." in note and "phantom" in note and "seg, cls" in note
     assert "best val/mean_dice: 0.8000 (epoch 2)" in note
     assert run.data.tags["medmtl.dataset"] == "phantom"
-    assert tracker.state_dict() == {"run_id": run_id, "best_metric": pytest.approx(0.8), "best_epoch": 2}
+    assert tracker.state_dict() == {
+        "run_id": run_id,
+        "journal": None,
+        "best_metric": pytest.approx(0.8),
+        "best_epoch": 2,
+    }
+    assert tracker.journal is None and not (tmp_path / "eval" / "mlflow_pending").exists()
 
 
 def test_resume_from_checkpoint_continues_the_same_run(store_uri, tmp_path):
@@ -338,17 +344,19 @@ def test_scrub_and_flatten_helpers():
 
 
 def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    # the tracker's own short HTTP waits apply (MLflow's defaults would retry for minutes per call)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
     tracker = _tracker("http://127.0.0.1:9", tmp_path, "offline", best_checkpoint=tmp_path / "none.pt")
     trainer, evaluator = _engines()
     tracker.attach(trainer, evaluator)
-    with caplog.at_level(logging.WARNING, logger="medmtl.tracking"):
+    with caplog.at_level(logging.WARNING):
         trainer.run([0], max_epochs=2)
     assert trainer.state.epoch == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0]
-    assert tracker.state_dict()["run_id"] is None
+    assert f"kept in {tracker.journal}" in warnings[0] and "medmtl sync-mlflow" in warnings[0]
+    assert tracker.state_dict()["run_id"] is None and tracker.journal.is_file()  # details: test_tracking_outage.py
 
 
 def test_evaluation_only_run_is_finished_by_the_evaluator(store_uri, tmp_path):
@@ -393,6 +401,8 @@ def test_ui_command_and_launch(tmp_path, monkeypatch):
         "5001",
         "--default-artifact-root",
         (eval_dir / "mlruns").as_uri(),
+        "--workers",
+        "1",
     ]
     assert ui_command(path_to_sqlite_uri(eval_dir / "mlruns.db"), port=5001) == argv
     assert "--default-artifact-root" not in ui_command("postgresql://u:p@db/mlflow")
@@ -404,11 +414,12 @@ def test_ui_command_and_launch(tmp_path, monkeypatch):
 
     ui = cli.get_command(click.Context(cli), "ui")
     params = ui.make_context("ui", argv[4:]).params
-    assert params["port"] == 5001 and params["backend_store_uri"] == argv[5]
+    assert params["port"] == 5001 and params["backend_store_uri"] == argv[5] and params["workers"] == "1"
 
     started = []
-    monkeypatch.setattr("subprocess.Popen", lambda args: started.append(args) or "process")
-    assert launch_ui(eval_dir, port=5001) == "process" and started == [argv]
+    monkeypatch.setattr("subprocess.Popen", lambda args, **kw: started.append((args, kw)) or "process")
+    assert launch_ui(eval_dir, port=5001) == "process" and started[0][0] == argv
+    assert started[0][1]["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
 def test_run_left_open_by_another_exception_handler_is_failed_when_collected(store_uri, tmp_path):

@@ -458,7 +458,9 @@ def require_valid_dataset(dataset_dir: Path | str, hint: str = "") -> Path:
 
     Raises:
         SystemExit: the folder or its dataset.json is missing or unreadable, or any case fails the checks of
-            `check_dataset` (the failing lines are printed; warnings do not stop a run).
+            `check_dataset` (the failing lines are printed). Warnings (an empty label: a valid case without
+            foreground, which trains as such; a constant image; unlisted files) are logged and do not stop
+            a run.
     """
     try:
         report = check_dataset(dataset_dir)
@@ -471,4 +473,11 @@ def require_valid_dataset(dataset_dir: Path | str, hint: str = "") -> Path:
             + "\n".join(failing[:MAX_LISTED * 2])
             + f"\n({report.format().splitlines()[-1]}; `medmtl check-data {dataset_dir}` prints the full report)"
         )
+    # warnings do not stop a run, but the user is told: an empty label trains as a case without foreground
+    warned = [f"WARN {w}" for w in report.warnings] + [c.format() for c in report.cases if c.warnings]
+    for line in warned[:MAX_LISTED]:
+        logger.warning("%s", line)
+    if len(warned) > MAX_LISTED:
+        more = len(warned) - MAX_LISTED
+        logger.warning("... %d more; `medmtl check-data %s` prints the full report", more, dataset_dir)
     return Path(dataset_dir) / "dataset.json"

@@ -6,6 +6,14 @@ would stop it from being one regular volume (gaps, duplicate positions, mixed si
 `select_series` pick series by modality, description, size or UID; `format_series_table` shows them;
 `load_series` reads one series through MONAI's `LoadImage` as a float32 MetaTensor in RAS.
 
+A slice is one frame: a classic file holds one, an enhanced (multi-frame) file such as Enhanced MR holds many,
+each placed by its per-frame functional groups (PS3.3 C.7.6.16: Plane Position, Plane Orientation, Pixel
+Measures and Pixel Value Transformation, per-frame items before shared ones). Frames of a multi-frame file are
+slices like any other: sorted along the normal and checked for gaps the same way. Pixel data in any transfer
+syntax that pydicom and the installed decoders read (JPEG, JPEG-LS, JPEG 2000, RLE, big endian) loads; what
+cannot be decoded, colour images, multi-frame files without per-frame positions, invalid geometry or rescale
+values are refused with a message naming the series and the file.
+
 Only header facts without patient identifiers are kept (`SeriesInfo`); pydicom warnings are silenced while
 reading because they can quote tag values, patient names included.
 """
@@ -19,7 +27,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,8 @@ from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys, ensure_tuple
 from pydicom.misc import is_dicom
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import RLELossless
 
 from medmtl.errors import MedmtlError
 from medmtl.quiet import MONAI_READER_NOISE, silenced
@@ -42,15 +52,36 @@ _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 1024  # header values larger than this are not read during discovery (pixel data)
 _LOCALIZER_WORDS = re.compile(r"\b(localiz|localis|scout|survey|3[- ]?plane)", re.IGNORECASE)
+UNIT_TOL = 1e-2  # direction cosines: unit length and orthogonal within this (scanners round to ~1e-5)
+_PER_FRAME = "PerFrameFunctionalGroupsSequence"
+_SHARED = "SharedFunctionalGroupsSequence"
+_GREY = ("MONOCHROME1", "MONOCHROME2", "")  # "" (absent): pydicom decodes as grey
+_PIXEL_DESCRIPTION = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+)
+_NOT_INPUT_CLASSES = ("Segmentation Storage",)  # pixel data, but label maps: never an image to segment
+# what a decoder may raise that is no error of the data; anything else it raises is. Rust decoders
+# (pylibjpeg-rle) raise pyo3's PanicException, a BaseException, on corrupt data
+NOT_DATA_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass
 class SeriesInfo:
     """Header facts about one DICOM series; no patient identifiers are stored here.
 
-    `files` are ordered along the slice normal (ascending projection of ImagePositionPatient on
-    cross(row, column) of ImageOrientationPatient). `problems` lists, in words, everything that stops the
-    series from loading as one regular volume; `load_series` refuses a series with problems.
+    `files` holds one entry per slice, ordered along the slice normal (ascending projection of
+    ImagePositionPatient on cross(row, column) of ImageOrientationPatient); a multi-frame file appears once
+    per frame, and `frame_numbers[k]` is then the 0-based frame of ``files[k]`` that slice k is. `problems`
+    lists, in words, everything that stops the series from loading as one regular volume; `load_series`
+    refuses a series with problems.
     """
 
     series_uid: str
@@ -66,11 +97,17 @@ class SeriesInfo:
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row cosines, column cosines (LPS)
     is_localizer: bool = False
     problems: list[str] = field(default_factory=list)
+    frame_numbers: list[int] = field(default_factory=list)  # empty when every file is a classic single frame
 
     @property
     def num_slices(self) -> int:
-        """Number of image files in the series."""
+        """Number of slices (image files, or frames of multi-frame files) in the series."""
         return len(self.files)
+
+    @property
+    def is_multiframe(self) -> bool:
+        """Whether the slices are frames of multi-frame (e.g. Enhanced MR) files."""
+        return bool(self.frame_numbers)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -85,7 +122,7 @@ class SeriesInfo:
     @property
     def label(self) -> str:
         """How messages name the series: description and short UID (never a patient identifier)."""
-        return f"series '{self.description or '(no description)'}' ({short_uid(self.series_uid)})"
+        return f"series '{self.description or '(no description)'}' ({printable(short_uid(self.series_uid))})"
 
     @property
     def folder(self) -> Path | None:
@@ -106,6 +143,18 @@ def short_uid(uid: str, keep: int = 8) -> str:
         ``..`` followed by the tail of the UID, or the UID itself when it is short.
     """
     return uid if len(uid) <= keep + 2 else ".." + uid[-keep:]
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (control characters, line breaks) as ``?``.
+
+    Args:
+        text: a header value, e.g. a description or UID as a broken exporter wrote it.
+
+    Returns:
+        the text, safe to show on one line.
+    """
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,8 +180,11 @@ class _Header:
     position: tuple[float, ...] | None = None
     pixel_spacing: tuple[float, ...] | None = None
     image_type: tuple[str, ...] = ()
+    photometric: str = ""
     parsed: bool = True  # False when only the SeriesInstanceUID could be read
     error: str | None = None  # set when the file belongs to the series but cannot be read as a slice
+    frame: int | None = None  # 0-based frame of a multi-frame file; None for a classic single-frame file
+    unplaced: str | None = None  # why the frames of a multi-frame file cannot be placed as slices
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
@@ -154,6 +206,94 @@ def _int_or_none(value: Any) -> int | None:
         return None if value is None or value == "" else int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _pixel_description_error(ds: pydicom.Dataset) -> str | None:
+    """Which attribute describing the pixel data is not one whole number (decoders need them), or None."""
+    for keyword in _PIXEL_DESCRIPTION:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # bytes that do not decode as the VR says (e.g. 3 bytes for a US)
+            return f"malformed {keyword}"
+        if value is not None and value != "" and _int_or_none(value) is None:
+            return f"malformed {keyword} (not one whole number)"
+    return None
+
+
+def _orientation(ds: pydicom.Dataset) -> tuple[float, ...] | None:
+    """ImageOrientationPatient when it is two orthogonal unit vectors, else None."""
+    values = _floats(ds, "ImageOrientationPatient", 6)
+    if values is None:
+        return None
+    row, col = np.asarray(values[:3]), np.asarray(values[3:])
+    unit = abs(np.linalg.norm(row) - 1) <= UNIT_TOL and abs(np.linalg.norm(col) - 1) <= UNIT_TOL
+    return values if unit and abs(float(row @ col)) <= UNIT_TOL else None
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, ...] | None:
+    """PixelSpacing when it is two positive numbers, else None."""
+    values = _floats(ds, "PixelSpacing", 2)
+    return values if values is not None and min(values) > 0 else None
+
+
+def _macro(ds: pydicom.Dataset, frame: int | None, sequence: str) -> pydicom.Dataset | None:
+    """The item of a functional group macro for one frame: its per-frame item, else the shared one."""
+    groups = []
+    per_frame = ds.get(_PER_FRAME) if frame is not None else None
+    if per_frame and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get(_SHARED)
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items:
+            return items[0]
+    return None
+
+
+def _plane(ds: pydicom.Dataset, frame: int | None) -> tuple[tuple[float, ...] | None, ...]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of a classic image or of one frame."""
+    if frame is None:
+        return _floats(ds, "ImagePositionPatient", 3), _orientation(ds), _pixel_spacing(ds)
+    position = _macro(ds, frame, "PlanePositionSequence")
+    # orientation and spacing may sit at the top level in converted files; a position never can
+    orientation = _macro(ds, frame, "PlaneOrientationSequence") or ds
+    measures = _macro(ds, frame, "PixelMeasuresSequence") or ds
+    return (
+        _floats(position, "ImagePositionPatient", 3) if position is not None else None,
+        _orientation(orientation),
+        _pixel_spacing(measures),
+    )
+
+
+def _slice_thickness(ds: pydicom.Dataset, frame: int | None) -> float:
+    """Slice extent of a single-slice volume: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    measures = _macro(ds, frame, "PixelMeasuresSequence") if frame is not None else None
+    for source in (measures, ds):
+        for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+            value = _floats(source, keyword, 1) if source is not None else None
+            if value is not None and value[0] > 0:
+                return value[0]
+    return 1.0
+
+
+def _rescale(ds: pydicom.Dataset, frame: int | None) -> tuple[float, float] | str:
+    """(RescaleSlope, RescaleIntercept) of a classic image or of one frame, or why they are invalid."""
+    item = _macro(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
+    source = item if item is not None else ds
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = source.get(keyword)
+        try:
+            value = default if raw is None or str(raw).strip() == "" else float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or (keyword == "RescaleSlope" and value == 0):
+            what = "a finite non-zero number" if keyword == "RescaleSlope" else "a finite number"
+            return f"{keyword} {str(raw)[:20]!r} is not {what}"
+        values.append(value)
+    return values[0], values[1]
 
 
 def _pixel_data_error(path: Path, ds: pydicom.Dataset) -> str | None:
@@ -186,37 +326,68 @@ def _sop_class_name(ds: pydicom.Dataset) -> str:
     return str(getattr(uid, "name", "") or "")
 
 
-def _header_from_dataset(path: Path, ds: pydicom.Dataset) -> _Header | str | None:
+def _header_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_Header] | str | None:
+    """The slices of one file (one `_Header` per frame), an error text, or None for a non-image file."""
     sop_class = _sop_class_name(ds)
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not series_uid:
         if "Directory" in sop_class:
             return None  # DICOMDIR: an index of the export, not an image
-        return "not a readable DICOM file (no SeriesInstanceUID)"
+        # pydicom returns an empty data set for some files cut inside encapsulated pixel data
+        uid = _series_uid_only(path)
+        if uid is None:
+            return "not a readable DICOM file (no SeriesInstanceUID)"
+        return [_Header(path=path, series_uid=uid, parsed=False, error="data set ends early (truncated?)")]
+    if any(name in sop_class for name in _NOT_INPUT_CLASSES):
+        return None
     if _PIXEL_DATA not in ds:
         if "Image Storage" in sop_class or "Rows" in ds:
             # pydicom stops quietly at the end of a file cut short; an image without pixels is broken
-            return _Header(path=path, series_uid=series_uid, parsed=False, error="no pixel data (truncated?)")
+            return [_Header(path=path, series_uid=series_uid, parsed=False, error="no pixel data (truncated?)")]
         return None  # structured reports, RT structures, presentation states: not image slices
+    malformed = _pixel_description_error(ds)
+    if malformed is not None:
+        return [_Header(path=path, series_uid=series_uid, parsed=False, error=malformed)]
     image_type = ds.get("ImageType") or ()
-    return _Header(
+    header = _Header(
         path=path,
         series_uid=series_uid,
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        description=" ".join(str(ds.get("SeriesDescription", "") or "").split()),  # one line in tables
-        modality=str(ds.get("Modality", "") or ""),
+        description=printable(" ".join(str(ds.get("SeriesDescription", "") or "").split())),  # one line
+        modality=printable(str(ds.get("Modality", "") or "")),
         series_number=_int_or_none(ds.get("SeriesNumber")),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         rows=_int_or_none(ds.get("Rows")) or 0,
         columns=_int_or_none(ds.get("Columns")) or 0,
         samples=_int_or_none(ds.get("SamplesPerPixel")) or 1,
         frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
-        orientation=_floats(ds, "ImageOrientationPatient", 6),
-        position=_floats(ds, "ImagePositionPatient", 3),
-        pixel_spacing=_floats(ds, "PixelSpacing", 2),
         image_type=tuple(str(v).upper() for v in ensure_tuple(image_type)),
+        photometric=printable(str(ds.get("PhotometricInterpretation", "") or "").strip().upper()),
         error=_pixel_data_error(path, ds),
     )
+    return _frame_headers(header, ds)
+
+
+def _frame_headers(header: _Header, ds: pydicom.Dataset) -> list[_Header]:
+    """One header per slice of a file: itself for a classic image, one per frame for a multi-frame image."""
+    if _PER_FRAME not in ds and _SHARED not in ds:
+        position, orientation, spacing = _plane(ds, None)
+        header = replace(header, position=position, orientation=orientation, pixel_spacing=spacing)
+        if header.frames > 1:
+            # classic multi-frame images (NM, US, RT dose) describe frame positions in modality-specific ways
+            header.unplaced = f"{header.frames} frames without per-frame positions (no {_PER_FRAME})"
+        return [header]
+    items = len(ds.get(_PER_FRAME) or ())
+    if items != header.frames:
+        header.unplaced = f"{header.frames} frame(s) but {items} item(s) in {_PER_FRAME}"
+        return [header]
+    slices = []
+    for frame in range(header.frames):
+        position, orientation, spacing = _plane(ds, frame)
+        slices.append(
+            replace(header, frame=frame, position=position, orientation=orientation, pixel_spacing=spacing)
+        )
+    return slices
 
 
 def _series_uid_only(path: Path) -> str | None:
@@ -229,8 +400,8 @@ def _series_uid_only(path: Path) -> str | None:
         return None
 
 
-def _read_header(path: Path) -> _Header | str | None:
-    """Header of one file: a `_Header`, an error text for a broken DICOM file, or None to skip it."""
+def _read_header(path: Path) -> list[_Header] | str | None:
+    """Headers of one file's slices, an error text for a broken DICOM file, or None to skip it."""
     try:
         if not is_dicom(path):
             return None
@@ -244,7 +415,7 @@ def _read_header(path: Path) -> _Header | str | None:
         uid = _series_uid_only(path)
         if uid is None:
             return reason
-        return _Header(path=path, series_uid=uid, parsed=False, error=reason)
+        return [_Header(path=path, series_uid=uid, parsed=False, error=reason)]
 
 
 def discover_series(root: Path | str) -> list[SeriesInfo]:
@@ -274,12 +445,12 @@ def discover_series(root: Path | str) -> list[SeriesInfo]:
     groups: dict[str, list[_Header]] = defaultdict(list)
     with silenced("pydicom"):
         for path in paths:
-            header = _read_header(path)
-            if isinstance(header, str):
-                logger.warning("%s: %s", path, header)
-            elif header is not None:
-                groups[header.series_uid].append(header)
-    series = [_build_series(uid, headers) for uid, headers in groups.items()]
+            headers = _read_header(path)
+            if isinstance(headers, str):
+                logger.warning("%s: %s", path, headers)
+            elif headers:
+                groups[headers[0].series_uid].extend(headers)
+        series = [_build_series_safely(uid, headers) for uid, headers in groups.items()]
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.description, s.series_uid))
     return series
 
@@ -359,23 +530,32 @@ def _size_text(counts: Counter) -> str:
     return ", ".join(f"{c}x{r} ({n} files)" for (r, c), n in counts.most_common())
 
 
+def _file_count(headers: Sequence[_Header]) -> int:
+    return len({h.path for h in headers})  # the frames of a multi-frame file are one file
+
+
 def _build_series(uid: str, headers: list[_Header]) -> SeriesInfo:
-    """Order the files of one series along its normal and list what is wrong with it."""
+    """Order the slices of one series along its normal and list what is wrong with it."""
     readable = [h for h in headers if h.parsed]
-    broken = [h for h in headers if h.error is not None]
+    broken = list({h.path: h for h in headers if h.error is not None}.values())
+    unplaced = [h for h in readable if h.unplaced is not None]
+    placed = [h for h in readable if h.unplaced is None]
     first = readable[0] if readable else headers[0]
     problems: list[str] = []
 
-    orientations = [h.orientation for h in readable if h.orientation is not None]
+    orientations = [h.orientation for h in placed if h.orientation is not None]
     reference = _most_common([tuple(round(v, 4) for v in o) for o in orientations])
     reference = next((o for o in orientations if tuple(round(v, 4) for v in o) == reference), None)
     normal = _slice_normal(reference) if reference is not None else np.array([0.0, 0.0, 1.0])
 
     def order(h: _Header) -> tuple:
         along = float(np.dot(h.position, normal)) if h.position is not None else math.inf
-        return (along, h.instance_number if h.instance_number is not None else 0, str(h.path))
+        along = along if not math.isnan(along) else math.inf  # overflowing positions sort last, not anywhere
+        number = h.instance_number if h.instance_number is not None else 0
+        return (along, number, str(h.path), h.frame or 0)
 
     readable.sort(key=order)
+    placed.sort(key=order)
 
     mixed_orientation = any(np.abs(np.subtract(o, reference)).max() > ORIENTATION_TOL for o in orientations)
     if mixed_orientation:
@@ -384,22 +564,31 @@ def _build_series(uid: str, headers: list[_Header]) -> SeriesInfo:
     sizes = Counter((h.rows, h.columns) for h in readable)
     if len(sizes) > 1:
         problems.append(f"mixed sizes: {_size_text(sizes)}")
-    spacings = {tuple(np.round(h.pixel_spacing, 4)) for h in readable if h.pixel_spacing is not None}
+    spacings = {tuple(np.round(h.pixel_spacing, 4)) for h in placed if h.pixel_spacing is not None}
     if len(spacings) > 1:
         problems.append(f"mixed pixel spacing: {len(spacings)} different PixelSpacing values")
-    no_geometry = sum(h.position is None or h.orientation is None for h in readable)
+    no_geometry = _file_count([h for h in placed if h.position is None or h.orientation is None])
+    no_spacing = _file_count([h for h in placed if h.pixel_spacing is None])
+    missing = []
     if no_geometry:
-        tags = "ImagePositionPatient/ImageOrientationPatient"
-        problems.append(f"missing geometry: {no_geometry} file(s) without {tags}")
-    if any(h.frames > 1 for h in readable):
-        frames = max(h.frames for h in readable)
-        problems.append(f"multi-frame images: {frames} frames per file (not supported)")
+        missing.append(f"{no_geometry} file(s) without a valid ImagePositionPatient/ImageOrientationPatient")
+    if no_spacing:
+        missing.append(f"{no_spacing} file(s) without a valid PixelSpacing")
+    if missing:
+        problems.append(f"missing geometry: {', '.join(missing)}")
+    if unplaced:
+        h = unplaced[0]
+        more = f"; and {len(unplaced) - 1} more file(s)" if len(unplaced) > 1 else ""
+        problems.append(f"multi-frame images: {h.path.name}: {h.unplaced}; its frames cannot be placed{more}")
     if any(h.samples != 1 for h in readable):
         problems.append("colour images: SamplesPerPixel is not 1 (not supported)")
+    elif any(h.photometric not in _GREY for h in readable):
+        kind = next(h.photometric for h in readable if h.photometric not in _GREY)
+        problems.append(f"colour images: PhotometricInterpretation {kind[:16]} (not supported)")
 
     slice_spacing = None
-    if not mixed_orientation and not no_geometry:
-        positions = np.array([h.position for h in readable], float)
+    if placed and not mixed_orientation and not no_geometry:
+        positions = np.array([h.position for h in placed], float)
         position_problems, slice_spacing = _position_problems(positions, normal)
         problems.extend(position_problems)
     if broken:
@@ -408,13 +597,14 @@ def _build_series(uid: str, headers: list[_Header]) -> SeriesInfo:
         problems.append(f"unreadable files: {len(broken)} ({shown}{more})")
 
     rows, columns = sizes.most_common(1)[0][0] if sizes else (0, 0)
-    pixel_spacing = next((h.pixel_spacing for h in readable if h.pixel_spacing is not None), None)
+    pixel_spacing = next((h.pixel_spacing for h in placed if h.pixel_spacing is not None), None)
     description = first.description
     is_localizer = (
         any("LOCALIZER" in h.image_type for h in readable)
         or bool(_LOCALIZER_WORDS.search(description))
         or (mixed_orientation and len(readable) <= 5)
     )
+    multiframe = any(h.frame is not None for h in readable)
     return SeriesInfo(
         series_uid=uid,
         study_uid=first.study_uid,
@@ -429,7 +619,41 @@ def _build_series(uid: str, headers: list[_Header]) -> SeriesInfo:
         orientation=tuple(reference) if reference is not None else None,
         is_localizer=is_localizer,
         problems=problems,
+        frame_numbers=[h.frame or 0 for h in readable] if multiframe else [],
     )
+
+
+def _build_series_safely(uid: str, headers: list[_Header]) -> SeriesInfo:
+    """`_build_series`; header values it did not foresee make a problem of that series, not a crash."""
+    try:
+        return _build_series(uid, headers)
+    except Exception as err:  # one odd series must not stop the discovery of the others
+        first = headers[0]
+        return SeriesInfo(
+            series_uid=uid,
+            study_uid=first.study_uid,
+            description=first.description,
+            modality=first.modality,
+            series_number=first.series_number,
+            files=sorted({h.path for h in headers}),
+            rows=first.rows,
+            columns=first.columns,
+            pixel_spacing=None,
+            slice_spacing=None,
+            orientation=None,
+            problems=[f"unreadable headers: cannot order the slices ({_one_line(err)})"],
+        )
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and message, lines joined (decoder errors span several)."""
+    text = ""
+    for line in (line.strip() for line in str(err).splitlines()):
+        if line:  # pydicom lists each decoder's complaint on its own line after "...plugins:"
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    text = printable(text)
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,69 +831,127 @@ def format_series_table(series: Sequence[SeriesInfo], selected: Sequence[SeriesI
 
 
 class DicomSeriesReader(PydicomReader):
-    """A MONAI reader that reads a list of DICOM files as one series, in the order given.
+    """A MONAI reader that reads a list of DICOM slices as one series, in the order given.
 
     `PydicomReader` sorts a folder by InstanceNumber and stacks a list of files as channels; this reader
-    stacks the given files (already ordered along the slice normal by `discover_series`) along the last
-    axis, applies RescaleSlope/Intercept (through `PydicomReader`) and lets MONAI build the RAS affine from
-    the first and last ImagePositionPatient. With `swap_ij` the array is (columns, rows, slices).
+    stacks the given slices (already ordered along the slice normal by `discover_series`) along the last
+    axis and lets MONAI build the RAS affine from the first and last slice positions. A slice is a classic
+    file, or one frame of a multi-frame file (`frames`, as `SeriesInfo.frame_numbers`), placed by its
+    functional groups. Stored values are mapped through RescaleSlope/Intercept (per frame: the Pixel Value
+    Transformation macro) or a Modality LUT. With `swap_ij` the array is (columns, rows, slices).
 
     Args:
         series_label: how error messages name the series.
+        frames: for each file given to `read`, its 0-based frame; empty when all files are classic images.
     """
 
-    def __init__(self, series_label: str = "series") -> None:
+    def __init__(self, series_label: str = "series", frames: Sequence[int] = ()) -> None:
         super().__init__(channel_dim="no_channel", affine_lps_to_ras=True, swap_ij=True, prune_metadata=True)
         self.series_label = series_label
+        self.frames = list(frames)
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs) -> list[pydicom.Dataset]:
-        """Read every file of the series with its pixel data.
+        """Read every file of the series with its pixel data (a multi-frame file once).
 
         Args:
-            data: the files of one series, in slice order.
+            data: the files of one series, one per slice, in slice order.
             kwargs: additional arguments for `pydicom.dcmread`.
 
         Returns:
-            One dataset per file.
+            One dataset per slice (the frames of one file share its dataset).
         """
         files = [str(f) for f in ensure_tuple(data)]
-        datasets = []
+        if self.frames and len(self.frames) != len(files):
+            raise MedmtlError(f"{self.series_label}: {len(files)} files but {len(self.frames)} frame numbers")
+        read: dict[str, pydicom.Dataset] = {}
         with silenced("pydicom"):
             for name in files:
+                if name in read:
+                    continue
                 try:
-                    datasets.append(pydicom.dcmread(name, **{**self.kwargs, **kwargs}))
+                    read[name] = pydicom.dcmread(name, **{**self.kwargs, **kwargs})
                 except Exception as err:  # corrupt files raise many types; all mean "unreadable"
                     raise MedmtlError(
                         f"{self.series_label}: {name}: not a readable DICOM file ({type(err).__name__})"
                     ) from None
         self.has_series = True  # makes `get_data` combine the datasets as one series
         self.filenames = [files]
-        return datasets
+        return [read[name] for name in files]
 
     def _combine_dicom_series(self, data, filenames):  # noqa: ANN001 - MONAI's signature
         """Stack the slices in the order given (MONAI's version re-sorts by InstanceNumber)."""
         datasets = list(data)
-        arrays = [self._get_array_data(ds, name) for ds, name in zip(datasets, filenames, strict=True)]
+        frames = self.frames or [None] * len(datasets)
+        decoded: dict[int, np.ndarray] = {}  # one decode per file, however many of its frames are slices
+        arrays = []
+        for ds, name, frame in zip(datasets, filenames, frames, strict=True):
+            if id(ds) not in decoded:
+                decoded[id(ds)] = self._stored_frames(ds, name)
+            stored = decoded[id(ds)]
+            if (frame or 0) >= len(stored):
+                raise MedmtlError(f"{self.series_label}: {name}: has no frame {(frame or 0) + 1}")
+            arrays.append(self._modality_values(stored[frame or 0], ds, frame, name))
         if len({a.shape for a in arrays}) > 1:
             raise MedmtlError(f"{self.series_label}: slices have different sizes")
-        first, last = datasets[0], datasets[-1]
-        metadata = self._get_meta_dict(first)
-        pixel_spacing = [float(v) for v in getattr(first, "PixelSpacing", (1.0, 1.0))]
-        metadata["spacing"] = np.asarray(pixel_spacing + [_single_slice_thickness(first)])
+        first, last = _plane(datasets[0], frames[0]), _plane(datasets[-1], frames[-1])
+        if first[0] is None or first[1] is None or first[2] is None or last[0] is None:
+            raise MedmtlError(
+                f"{self.series_label}: {filenames[0]}: no valid ImagePositionPatient, ImageOrientationPatient "
+                "or PixelSpacing (changed since discovery?)"
+            )
+        metadata: dict[str, Any] = {
+            "00200032": {"vr": "DS", "Value": list(first[0])},
+            "00200037": {"vr": "DS", "Value": list(first[1])},
+            "00280030": {"vr": "DS", "Value": list(first[2])},
+            "spacing": np.asarray(list(first[2]) + [_slice_thickness(datasets[0], frames[0])]),
+        }
         if len(datasets) > 1:
-            metadata["lastImagePositionPatient"] = np.asarray(last.ImagePositionPatient, float)
+            metadata["lastImagePositionPatient"] = np.asarray(last[0], float)
         metadata[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
         return np.stack(arrays, axis=-1), metadata
 
-    def _get_array_data(self, img, filename):  # noqa: ANN001 - MONAI's signature
-        """Pixel values with RescaleSlope/Intercept applied; a decoding failure names the file."""
+    def _stored_frames(self, ds: pydicom.Dataset, filename: str) -> np.ndarray:
+        """Decoded stored values, (frames, rows, columns); a decoding failure names the file."""
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax == RLELossless:
+            # pydicom's own RLE decoder: it raises on corrupt data where pylibjpeg-rle (Rust) panics and
+            # prints a Rust backtrace on stderr; ~10 ms a 512x512 slice, little beside the inference
+            ds.pixel_array_options(decoding_plugin="pydicom")
         try:
             with silenced("pydicom"):
-                return super()._get_array_data(img, filename)
-        except Exception as err:  # pixel decoders raise many types (truncated data, missing codec)
+                stored = np.asarray(ds.pixel_array)
+        except BaseException as err:  # pixel decoders raise many types (truncated data, missing codec, panics)
+            if isinstance(err, NOT_DATA_ERRORS):
+                raise
             raise MedmtlError(
-                f"{self.series_label}: {filename}: cannot read pixel data ({type(err).__name__}: {err})"
+                f"{self.series_label}: {filename}: cannot read pixel data ({_one_line(err)})"
             ) from None
+        if stored.ndim == 2:
+            stored = stored[None]
+        if stored.ndim != 3:
+            shape = tuple(stored.shape)
+            raise MedmtlError(f"{self.series_label}: {filename}: pixel data of shape {shape} is not grey")
+        return stored
+
+    def _modality_values(
+        self, stored: np.ndarray, ds: pydicom.Dataset, frame: int | None, name: str
+    ) -> np.ndarray:
+        """One slice in modality units (e.g. Hounsfield), float32."""
+        if frame is None and "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+            try:
+                return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+            except Exception as err:  # a malformed lookup table
+                raise MedmtlError(
+                    f"{self.series_label}: {name}: invalid ModalityLUTSequence ({_one_line(err)})"
+                ) from None
+        rescale = _rescale(ds, frame)
+        if isinstance(rescale, str):
+            raise MedmtlError(f"{self.series_label}: {name}: {rescale}")
+        slope, intercept = rescale
+        values = stored.astype(np.float32)
+        if (slope, intercept) != (1.0, 0.0):
+            values = values * np.float32(slope) + np.float32(intercept)
+        return values
 
     def _get_affine(self, metadata: dict, lps_to_ras: bool = True) -> np.ndarray:
         """MONAI's affine; for a single slice the third column is the normal times the slice thickness."""
@@ -678,14 +960,6 @@ class DicomSeriesReader(PydicomReader):
         if len(shape) == 3 and shape[-1] == 1 and "00200037" in metadata:
             affine[:3, 2] = _slice_normal(metadata["00200037"]["Value"]) * metadata["spacing"][2]
         return orientation_ras_lps(affine) if lps_to_ras else affine
-
-
-def _single_slice_thickness(ds: pydicom.Dataset) -> float:
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _floats(ds, keyword, 1)
-        if value is not None and value[0] > 0:
-            return value[0]
-    return 1.0
 
 
 @functools.cache
@@ -700,18 +974,20 @@ def load_series(series: SeriesInfo, min_slices: int = 1) -> MetaTensor:
     """Load one series as a volume through MONAI's `LoadImage`.
 
     Args:
-        series: a series from `discover_series` (its files ordered along the slice normal).
+        series: a series from `discover_series` (its slices ordered along the slice normal).
         min_slices: fewest slices accepted (2 or more where a volume is required).
 
     Returns:
         A float32 MetaTensor of shape (columns, rows, slices): i along the rows of a slice, j down its
         columns, k along the slice normal, with the RAS affine in ``meta["affine"]``, ``original_channel_dim``
-        ``"no_channel"`` and ``filename_or_obj`` the series folder.
+        ``"no_channel"`` and ``filename_or_obj`` the series folder. Values are stored values mapped through
+        the rescale (or Modality LUT) of each slice.
 
     Raises:
         MedmtlError: naming the series (and the file at fault) when it cannot be one volume: problems found by
-            discovery (gaps, duplicate positions, mixed sizes or orientations, unreadable files), too few
-            slices, or pixel data that cannot be decoded.
+            discovery (gaps, duplicate positions, mixed sizes or orientations, unreadable files, colour,
+            multi-frame files without frame positions, invalid geometry), too few slices, pixel data that
+            cannot be decoded or invalid rescale values.
     """
     if series.problems:
         raise MedmtlError(f"{series.label}: cannot load as one volume: {'; '.join(series.problems)}")
@@ -719,10 +995,16 @@ def load_series(series: SeriesInfo, min_slices: int = 1) -> MetaTensor:
         raise MedmtlError(
             f"{series.label}: {series.num_slices} slice(s), at least {max(1, min_slices)} needed for a volume"
         )
-    reader = DicomSeriesReader(series_label=series.label)
-    # the reader given to the call is the only one tried: a MedmtlError reaches the caller unchanged instead
-    # of LoadImage falling back to its other readers and raising its own RuntimeError
-    image = _loader()([str(f) for f in series.files], reader=reader)
+    reader = DicomSeriesReader(series_label=series.label, frames=series.frame_numbers)
+    try:
+        # the reader given to the call is the only one tried: a MedmtlError reaches the caller unchanged
+        # instead of LoadImage falling back to its other readers and raising its own RuntimeError
+        with silenced("pydicom"):
+            image = _loader()([str(f) for f in series.files], reader=reader)
+    except MedmtlError:
+        raise
+    except Exception as err:  # MONAI's affine checks and header values discovery could not foresee
+        raise MedmtlError(f"{series.label}: cannot load as one volume ({_one_line(err)})") from None
     image.meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = "no_channel"
     image.meta["filename_or_obj"] = str(series.folder)
     return image

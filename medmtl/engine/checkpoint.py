@@ -6,19 +6,28 @@ Two files per run, in the bundle's `models/` folder:
   loss parameters, trainer epoch/iteration, best metric, MLflow run id, RNG state).
 
 Both are written to a temporary file in the same folder and renamed over the old one, so a crash never
-leaves a truncated file. (MONAI's `CheckpointSaver` writes in place and removes the old file first.)
+leaves a truncated file. (MONAI's `CheckpointSaver` writes in place and removes the old file first.) A save
+killed halfway leaves only its hidden temporary file, `.last.pt.<random>.tmp`; the next training removes it.
 Loading always uses `torch.load(..., weights_only=True)`.
+
+Resuming: bundles give `last.pt` to MONAI's `CheckpointLoader`, which restores everything at the trainer's
+`Events.STARTED`. A failure there would surface as a long traceback from inside the engine, so `resume_from`
+checks the file first, while the config is resolved (weights-only load, same network, epoch within
+`max_epochs`), and stops the run with one short message when it cannot be resumed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import pickle
 import random
+import re
 import tempfile
-from collections.abc import Mapping
+import types
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,12 @@ logger = logging.getLogger(__name__)
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     """`torch.save` to a temporary file beside `path`, fsync, then rename it over `path`.
 
+    A reader (or a process killed at any moment) sees the old file or the new one, never a partial one.
+
+    Args:
+        obj: what to save (state dicts: tensors and plain containers, so that it loads weights-only).
+        path: the file to write; its folder is created.
+
     Returns:
         the path written.
     """
@@ -41,6 +56,8 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain torch.save would (umask applies)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -49,7 +66,48 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power loss
     return path
+
+
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it: do that once, not on every save of a threaded trainer
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(folder: Path | str, names: tuple[str, ...] = ("model.pt", "last.pt")) -> list[Path]:
+    """Temporary files that `atomic_torch_save` leaves when it is killed mid-write (`.<name>.<random>.tmp`).
+
+    They are never read (loaders open only the final names), so they are harmless, only wasted space.
+
+    Args:
+        folder: the checkpoint folder.
+        names: the checkpoint file names whose temporary files to look for.
+
+    Returns:
+        the matching files, sorted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [re.compile(rf"^\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp$") for name in names]
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(r.match(p.name) for r in patterns))
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -65,12 +123,27 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device | None = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedmtlError(
-            f"{path}: refused to load: it holds objects other than tensors and plain values "
-            f"(weights-only loading; a checkpoint must never run code). Detail: {str(err).splitlines()[0]}"
-        ) from None
+        raise MedmtlError(f"{path}: refused to load: {_unpickling_reason(err)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise MedmtlError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+        raise MedmtlError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch colours parts of its messages
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """Why weights-only loading refused a file, in one line, without torch's advice to load it unsafely."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        return (
+            f"it would import `{found.group(1)}`, and a checkpoint may hold only tensors and plain values "
+            "(weights-only loading: a checkpoint must never run code)"
+        )
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
+    reason = detail.group(1).strip() if detail else _first_line(err)
+    return f"not a weights-only checkpoint ({reason})"
 
 
 def is_rank0() -> bool:
@@ -89,27 +162,89 @@ def network_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return checkpoint["network"] if "network" in checkpoint else checkpoint
 
 
+def _numpy_state(state: tuple) -> dict[str, Any]:
+    """A NumPy generator state (`get_state()`) as tensors and numbers (what `weights_only` loading accepts)."""
+    _, keys, pos, has_gauss, gauss = state
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _numpy_tuple(state: Mapping[str, Any]) -> tuple:
+    return ("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+
+
+# objects whose attributes hold no transform state: tensors, and code (a module would lead everywhere)
+_NOT_WALKED = (torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial)
+
+
+def _random_states(obj: Any, seen: set[int] | None = None) -> Iterator[np.random.RandomState]:
+    """Every NumPy RandomState reachable from `obj`, in a fixed order.
+
+    Walks lists, tuples and object attributes the way MONAI's `set_rnd` seeds a dataset's transforms (a
+    DataLoader calls it), but into Randomizable transforms too: a dictionary transform draws from the
+    RandomState of the array transform it wraps (RandCropByPosNegLabeld's cropper), not from its own.
+    """
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.random.RandomState):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _random_states(item, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, _NOT_WALKED):
+        for key, value in vars(obj).items():
+            if not key.startswith("__"):
+                yield from _random_states(value, seen)
+
+
 class RngState:
-    """Python, NumPy and torch global RNG state, in a form that loads with `weights_only=True`."""
+    """Python, NumPy and torch global RNG state, in a form that loads with `weights_only=True`.
+
+    With `transforms` (a dataset or transform chain) it also holds the RandomState of every random MONAI
+    transform in it: those draw the patches and augmentations, independently of the global generators. The
+    trainer's data loader's dataset is used when `TrainingCheckpoints` is attached and none was given, so a
+    resumed single-process run draws the same batches as an uninterrupted one.
+
+    Args:
+        transforms: a dataset, a `Compose` or any object holding random transforms; None for the global
+            generators only.
+    """
+
+    def __init__(self, transforms: Any = None) -> None:
+        self.transforms = transforms
 
     def state_dict(self) -> dict[str, Any]:
-        """The current global RNG states."""
-        _, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {
+        """The current RNG states."""
+        state = {
             "torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "numpy": _numpy_state(np.random.get_state()),
             "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         }
+        if self.transforms is not None:
+            state["transforms"] = [_numpy_state(r.get_state()) for r in _random_states(self.transforms)]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the global RNG states saved by `state_dict`."""
+        """Restore the RNG states saved by `state_dict`."""
         torch.set_rng_state(state["torch"])
-        npst = state["numpy"]
-        np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                             npst["has_gauss"], npst["gauss"]))
+        np.random.set_state(_numpy_tuple(state["numpy"]))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+        saved = state.get("transforms")
+        if self.transforms is None or saved is None:
+            return
+        targets = list(_random_states(self.transforms))
+        if len(targets) != len(saved):  # another transform chain (changed config): keep its fresh seeds
+            logger.warning(
+                "the checkpoint holds %d transform random states, the transforms have %d: not restored "
+                "(the resumed run samples other patches than an uninterrupted one would)",
+                len(saved), len(targets),
+            )
+            return
+        for target, value in zip(targets, saved, strict=True):
+            target.set_state(_numpy_tuple(value))
 
 
 class TrainingCheckpoints:
@@ -159,10 +294,31 @@ class TrainingCheckpoints:
             # the trainer's epoch and iteration go into last.pt; added here because the bundle config
             # cannot name the trainer inside a handler that the trainer itself is built with
             self.save_dict.setdefault("trainer", engine)
+            rng = self.save_dict.get("rng")
+            if isinstance(rng, RngState) and rng.transforms is None:
+                rng.transforms = getattr(getattr(engine, "data_loader", None), "dataset", None)
+            self.remove_stale_temp_files()
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
             engine.add_event_handler(Events.COMPLETED, self.save_final_if_no_best)
         if evaluator is not None:
             evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save_if_best)
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files of saves that were killed halfway (rank 0, before training starts).
+
+        Returns:
+            the files removed.
+        """
+        if not is_rank0():
+            return []
+        stale = stale_temp_files(self.ckpt_dir, (self.model_path.name, self.last_path.name))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            logger.info(
+                f"removed {len(stale)} temporary file(s) of an interrupted checkpoint save in {self.ckpt_dir}"
+            )
+        return stale
 
     def save_if_best(self, evaluator: Engine) -> None:
         """Write `model.pt` when the key metric beats the best so far (every rank tracks it, rank 0 writes)."""
@@ -193,3 +349,120 @@ class TrainingCheckpoints:
         """Restore the best metric and epoch."""
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before a bundle loads a checkpoint (run while the config is resolved, outside the engines)
+
+RESUME_HINT = "--resume false starts over (and replaces it), or train into another --output_dir"
+
+
+def _shape(value: Any) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _network_mismatch(state: Mapping[str, Any], network: torch.nn.Module) -> str | None:
+    """How the weights in `state` fail to fit `network`; None when every key and shape matches."""
+    expected = _unwrap(network).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} {_shape(state[k])} in the file, {_shape(v)} here"
+        for k, v in expected.items()
+        if k in state and _shape(state[k]) != _shape(v)
+    ]
+    parts = [
+        f"{len(found)} {what} (e.g. {found[0]})"
+        for found, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+        if found
+    ]
+    return "; ".join(parts) or None
+
+
+def _checked(path: Path, network: torch.nn.Module | None, need: tuple[str, ...] = ()) -> Mapping[str, Any]:
+    """Load `path` weights-only and check its entries and network weights; MedmtlError when unusable."""
+    state = load_checkpoint(path)
+    if not isinstance(state, Mapping):
+        raise MedmtlError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a state dict)")
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise MedmtlError(
+            f"{path}: not a resume checkpoint (no {', '.join(repr(k) for k in absent)} entry; "
+            "a model.pt holds the network weights only)"
+        )
+    if network is not None:
+        mismatch = _network_mismatch(network_state(state), network)
+        if mismatch:
+            raise MedmtlError(
+                f"{path}: holds the weights of another network (other heads, filters or classes?): {mismatch}"
+            )
+    return state
+
+
+def require_checkpoint(path: Path | str, network: torch.nn.Module | None = None) -> str:
+    """Check a checkpoint a bundle is about to load; stop the run with one short message if it cannot be used.
+
+    For a config's `CheckpointLoader` (`load_path: "$medmtl.engine.checkpoint.require_checkpoint(@ckpt_file,
+    @network)"`): the check runs while the config is resolved, so a bad file ends the run with one line
+    instead of a traceback from inside the engine.
+
+    Args:
+        path: the checkpoint: a bare network state dict (`model.pt`) or a full one with a "network" entry.
+        network: when given, every weight of the checkpoint must fit it (same keys and shapes).
+
+    Returns:
+        the path, as a string.
+
+    Raises:
+        SystemExit: the file is missing, truncated, refused by weights-only loading (it would run code),
+            or does not fit the network.
+    """
+    try:
+        _checked(Path(path), network)
+    except MedmtlError as err:
+        raise SystemExit(f"error: {err}") from None
+    return str(path)
+
+
+def resume_from(
+    path: Path | str, resume: bool, network: torch.nn.Module | None, max_epochs: int | None = None
+) -> str | None:
+    """The checkpoint a training resumes from, checked before the trainer loads it.
+
+    A bundle passes the result to MONAI's `CheckpointLoader` (`load_path`, disabled when None). Resuming is
+    automatic: `last.pt` is used whenever it exists and `resume` is on.
+
+    Args:
+        path: the run's `last.pt`.
+        resume: the bundle's `resume` flag; off starts over (the old `last.pt` is replaced at the first epoch).
+        network: the network being trained (DDP-wrapped or not): the file's weights must fit it.
+        max_epochs: the run's epoch limit: a checkpoint beyond it cannot be resumed.
+
+    Returns:
+        the path as a string, or None to start a new training.
+
+    Raises:
+        SystemExit: `last.pt` exists and `resume` is on, but it is unreadable, refused by weights-only
+            loading, written for another network, or past `max_epochs`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if not resume:
+        logger.info(f"{path} exists but resume is off: training starts over and replaces it")
+        return None
+    try:
+        state = _checked(path, network, need=("network", "trainer"))
+        trainer = state["trainer"]
+        epoch = int(trainer.get("epoch") or trainer["iteration"] // max(int(trainer["epoch_length"]), 1))
+    except MedmtlError as err:
+        raise SystemExit(f"error: cannot resume: {err}\n{RESUME_HINT}") from None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise SystemExit(f"error: cannot resume: {path}: its 'trainer' entry has no epoch\n{RESUME_HINT}") from None
+    if max_epochs is not None and epoch > int(max_epochs):
+        raise SystemExit(
+            f"error: cannot resume: {path} is at epoch {epoch}, past --max_epochs {max_epochs}; "
+            f"pass a larger --max_epochs to train on\n{RESUME_HINT}"
+        )
+    logger.info(f"resuming from {path} after epoch {epoch}" + (f" of {max_epochs}" if max_epochs else ""))
+    return str(path)

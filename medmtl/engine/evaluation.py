@@ -8,6 +8,13 @@ At the end of the epoch it writes into `engine.state.metrics`:
 
 and leaves the per-case rows in `engine.state.case_results` for the tracker (table and overlay pictures).
 
+Distributed validation (DDP under torchrun): when the evaluator's data loader uses a `DistributedSampler`,
+each rank scores only its share of the cases; at the end of the epoch every rank gathers all ranks' rows
+(`all_gather_object`) before aggregating, so every rank's metrics equal the single-process result over all
+cases (the key metric then picks the same best checkpoint everywhere) and rank 0's case table holds every
+case. With MONAI's `DistributedSampler(even_divisible=False, shuffle=False)` each case is scored exactly once
+and the gathered rows are put back in dataset order, so even the floating-point sums match a single process.
+
 Conventions (nnU-Net's): a class absent from both reference and prediction is not scored (NaN, left out of
 means); absent from the reference but predicted scores Dice 0. HD95 is in mm on the evaluated grid; a class
 present in the reference but not predicted gets the image diagonal as its HD95 (the worst possible value)
@@ -17,6 +24,7 @@ rather than being dropped, so missing a structure is never rewarded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -31,6 +39,11 @@ from ignite.engine import Engine, Events
 from monai.data.utils import affine_to_spacing
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 from monai.networks.utils import one_hot
+from torch.utils.data import DistributedSampler
+
+from medmtl.engine import distributed
+
+logger = logging.getLogger(__name__)
 
 KEY_METRIC = "val/mean_dice"
 
@@ -68,6 +81,9 @@ class MultiTaskEvaluation:
             class); None when there is no classification head.
         prefix: metric name prefix.
         keep_overlays: keep one 2D slice per case (image, reference, prediction) for overlay pictures.
+        gather: collect every rank's cases before aggregating. None (default): when a process group is
+            initialized and the engine's data loader has a `DistributedSampler` (each rank then sees only its
+            share); without one, every rank already scores all cases and gathering would count them twice.
     """
 
     def __init__(
@@ -76,12 +92,14 @@ class MultiTaskEvaluation:
         cls_mode: str | None = "case",
         prefix: str = "val/",
         keep_overlays: bool = True,
+        gather: bool | None = None,
     ) -> None:
         self.label_names = {int(k): str(v) for k, v in label_names.items() if int(k) != 0}
         self.num_classes = max(self.label_names) + 1
         self.cls_mode = cls_mode
         self.prefix = prefix
         self.keep_overlays = keep_overlays
+        self.gather = gather
         self.cases: list[dict[str, Any]] = []
         self._cls_probs: list[np.ndarray] = []
         self._cls_targets: list[np.ndarray] = []
@@ -231,9 +249,41 @@ class MultiTaskEvaluation:
         return {f"{self.prefix}cls_auc": auc, f"{self.prefix}cls_accuracy": accuracy}
 
     def aggregate(self, engine: Engine) -> None:
-        """Write the epoch's metrics into `engine.state.metrics` and the rows into `engine.state.case_results`."""
-        engine.state.metrics.update(self.summary())
+        """Write the epoch's metrics into `engine.state.metrics` and the rows into `engine.state.case_results`.
+
+        In distributed validation (see `gather`) all ranks' rows are gathered first, and each rank logs the
+        metrics it computed with its rank, so a divergence between ranks shows in the logs.
+        """
+        if self._gathers(engine):
+            scored_here = len(self.cases)
+            self.gather_cases()
+            metrics = self.summary()
+            logger.info(
+                f"rank {distributed.rank()} of {distributed.world_size()}: validation metrics over "
+                f"{len(self.cases)} cases ({scored_here} scored on this rank): {json.dumps(metrics)}"
+            )
+        else:
+            metrics = self.summary()
+        engine.state.metrics.update(metrics)
         engine.state.case_results = list(self.cases)
+
+    def _gathers(self, engine: Engine) -> bool:
+        if self.gather is not None:
+            return self.gather and distributed.world_size() > 1
+        loader = getattr(engine.state, "dataloader", None) or getattr(engine, "data_loader", None)
+        return distributed.world_size() > 1 and isinstance(getattr(loader, "sampler", None), DistributedSampler)
+
+    def gather_cases(self) -> None:
+        """Replace this rank's cases with those of all ranks, on every rank (a collective: all ranks call it).
+
+        Rows are merged round-robin by rank, which restores the dataset order for an unshuffled
+        `DistributedSampler` (case i is item i // world_size of rank i % world_size). Classification entries
+        are concatenated by rank: AUC and accuracy do not depend on their order.
+        """
+        shares = distributed.all_gather_objects((self.cases, self._cls_probs, self._cls_targets))
+        self.cases = distributed.interleave([cases for cases, _, _ in shares])
+        self._cls_probs = [p for _, probs, _ in shares for p in probs]
+        self._cls_targets = [t for _, _, targets in shares for t in targets]
 
 
 def write_evaluation_report(engine: Engine, path: str, extra: Mapping[str, Any] | None = None) -> str:
@@ -256,9 +306,12 @@ def write_evaluation_report(engine: Engine, path: str, extra: Mapping[str, Any] 
 
     rows = getattr(engine.state, "case_results", [])
     cases = [{k: clean(v) for k, v in row.items() if k != "overlay"} for row in rows]
+    seconds = (getattr(engine.state, "times", None) or {}).get("EPOCH_COMPLETED")  # ignite's epoch timer
     report = {
         "metrics": {k: clean(float(v)) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))},
         "cases": cases,
+        "seconds": clean(seconds),
+        "seconds_per_case": clean(seconds / len(cases)) if seconds and cases else None,
         **dict(extra or {}),
     }
     target = Path(path)

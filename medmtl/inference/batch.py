@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 
 import medmtl
-from medmtl.data.dicom import SeriesInfo, SeriesRule, discover_series, load_series, select_series
+from medmtl.data.dicom import (
+    NOT_DATA_ERRORS,
+    SeriesInfo,
+    SeriesRule,
+    discover_series,
+    load_series,
+    select_series,
+)
 from medmtl.errors import MedmtlError
 from medmtl.inference.predictor import Prediction, Predictor
 from medmtl.inference.writers import label_volumes_ml, safe_name, write_dicom_seg, write_nifti, write_report
@@ -453,7 +460,9 @@ def process_input(
         )
     except MedmtlError as err:
         reason = str(err)
-    except Exception as err:  # one bad input must never stop the others (torch errors, out of memory, ...)
+    except BaseException as err:  # one bad input must never stop the others (torch errors, out of memory, ...)
+        if isinstance(err, NOT_DATA_ERRORS):  # Ctrl-C and exits stop the run; decoder panics do not
+            raise
         first = (str(err).strip().splitlines() or [""])[0]
         reason = f"unexpected error ({type(err).__name__}: {first})"
     finally:

@@ -42,6 +42,7 @@ from medmtl.inference.sliding import MultiHeadInferer
 __all__ = ["Prediction", "Predictor", "resolve_device", "mirror_axes_combinations"]
 
 _MAPS = "pred"  # key of the stacked output maps while they are inverted
+MAX_RESAMPLED_VOXELS = 512**3  # larger after resampling means a wrong voxel size, not a real scan
 
 
 @dataclass
@@ -309,6 +310,16 @@ class Predictor:
                 raise MedmtlError(
                     f"{name}: {n} slice(s) along axis {axis} (shape {spatial}); "
                     f"the {self.spatial_dims}D model needs at least {self.min_slices}"
+                )
+        target = self.pipeline.get("spacing")
+        if target:
+            # a bogus voxel size in a header would make resampling allocate a gigantic volume
+            spacing = np.linalg.norm(affine[: len(spatial), : len(spatial)], axis=0)
+            voxels = float(np.prod(np.asarray(spatial) * spacing / np.asarray(target, dtype=float)))
+            if voxels > MAX_RESAMPLED_VOXELS:
+                raise MedmtlError(
+                    f"{name}: resampling from {np.round(spacing, 3).tolist()} mm to {target} mm would make "
+                    f"{voxels:.3g} voxels (limit {MAX_RESAMPLED_VOXELS:.3g}); check the voxel size in its header"
                 )
         warnings = []
         if low == high:

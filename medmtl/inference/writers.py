@@ -396,11 +396,15 @@ def _segment_numbers(label: np.ndarray, series: SeriesInfo, names: Mapping[int, 
 
 def _read_sources(series: SeriesInfo) -> list[pydicom.Dataset]:
     """Headers of the source images, in series order; refuses what a SEG cannot reference."""
+    with silenced("highdicom", "pydicom"):  # reading attributes warns too, and may quote patient data
+        return _checked_sources(series)
+
+
+def _checked_sources(series: SeriesInfo) -> list[pydicom.Dataset]:
     sources = []
     for path in series.files:
         try:
-            with silenced("highdicom", "pydicom"):
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:  # pydicom raises many types for corrupt files; all mean "unreadable"
             reason = f"not a readable DICOM file ({type(err).__name__})"
             raise MedmtlError(f"{series.label}: {path}: {reason}") from None
