@@ -219,6 +219,8 @@ class MultiTaskLoss(nn.Module):
             )
         target = target.to(pred.dtype)
         known = ~torch.isnan(target)  # NaN: no distance map for this sample (or voxel)
+        if bool(known.all()):  # the usual case: boolean indexing of whole maps would cost a copy of each
+            return F.l1_loss(pred, target)
         if not bool(known.any()):
             return None
         return F.l1_loss(pred[known], target[known])

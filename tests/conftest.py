@@ -5,9 +5,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pydicom
 import pytest
+import torch
+
+from medmtl.engine.checkpoint import atomic_torch_save
+from medmtl.inference.batch import load_inference_config
+from medmtl.networks import MultiTaskUNet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+
+
+def random_checkpoint(bundle: Path, path: Path) -> Path:
+    """The bundle's network (as inference.yaml builds it), untrained, saved as a model.pt at `path`."""
+    args = load_inference_config(bundle).get_parsed_content("network_args")
+    torch.manual_seed(0)
+    return atomic_torch_save(MultiTaskUNet(**args).state_dict(), path)
+
+
+def patient_identifiers(root: Path) -> set[str]:
+    """The patient identifier values (PATIENT_KEYWORDS) of every DICOM file under `root`."""
+    found = set()
+    for path in root.rglob("*"):
+        if path.is_file() and pydicom.misc.is_dicom(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            found |= {str(ds.get(k, "")) for k in PATIENT_KEYWORDS if str(ds.get(k, ""))}
+    return found
 
 
 def _shared_dir() -> Path:

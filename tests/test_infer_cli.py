@@ -18,41 +18,20 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, patient_identifiers, random_checkpoint
 from monai.bundle import ConfigParser
 
 from medmtl.cli import EXIT_ERROR, EXIT_FAILED, main
 from medmtl.data.synthetic import StudyInfo, generate_dataset, write_dicom_series
-from medmtl.engine.checkpoint import atomic_torch_save
 from medmtl.inference.batch import load_inference_config, merge_series_rule
-from medmtl.networks import MultiTaskUNet
 
 PHANTOM = REPO_ROOT / "bundles" / "phantom_mtl"
 HIPPO = REPO_ROOT / "bundles" / "hippocampus_mtl"
 TINY = ["--set", "pipeline#patch_size=[32,32,32]"]
-PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-
-def _random_checkpoint(bundle: Path, path: Path) -> Path:
-    """The bundle's network, untrained, saved as model.pt."""
-    args = load_inference_config(bundle).get_parsed_content("network_args")
-    torch.manual_seed(0)
-    return atomic_torch_save(MultiTaskUNet(**args).state_dict(), path)
-
-
-def _identifiers(root: Path) -> set[str]:
-    """Patient identifier values of every DICOM file under root."""
-    found = set()
-    for path in root.rglob("*"):
-        if path.is_file() and pydicom.misc.is_dicom(path):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            found |= {str(ds.get(k, "")) for k in PATIENT_KEYWORDS if str(ds.get(k, ""))}
-    return found
 
 
 def _failed_lines(text: str) -> list[str]:
@@ -87,7 +66,7 @@ def export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> Path:
-    return _random_checkpoint(PHANTOM, tmp_path_factory.mktemp("random") / "model.pt")
+    return random_checkpoint(PHANTOM, tmp_path_factory.mktemp("random") / "model.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +142,7 @@ def test_infer_dicom_export_with_trained_model(trained: Path, export: Path, tmp_
         assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == report["input"]["series_uid"]
 
     # no patient identifier anywhere a user or a log sees it
-    identifiers = _identifiers(export / "dicom")
+    identifiers = patient_identifiers(export / "dicom")
     assert any(v.startswith("PHANTOM^") for v in identifiers)  # the export does carry identifiers
     texts = [captured.out, captured.err, caplog.text]
     texts += [str(p.relative_to(out)) for p in out.rglob("*")]
@@ -186,7 +165,7 @@ def test_monai_bundle_run_is_the_same_batch(trained: Path, export: Path, tmp_pat
     folders = sorted(out.iterdir())
     assert len(folders) == 2
     assert all((f / "seg.dcm").is_file() and (f / "report.json").is_file() for f in folders)
-    for value in _identifiers(export / "dicom"):
+    for value in patient_identifiers(export / "dicom"):
         assert value not in run.stdout and value not in run.stderr
 
 
@@ -209,7 +188,7 @@ def test_cli_options_override_the_bundle_rule(random_model: Path, export: Path, 
 
 
 def test_study1_hippocrop_with_the_hippocampus_bundle(study1_dir: Path, tmp_path: Path, capsys):
-    ckpt = _random_checkpoint(HIPPO, tmp_path / "model.pt")
+    ckpt = random_checkpoint(HIPPO, tmp_path / "model.pt")
     out = tmp_path / "out"
     code = main(["infer", str(study1_dir), "--bundle", str(HIPPO), "--model", str(ckpt), "--output", str(out),
                  "--quiet"])  # fmt: skip

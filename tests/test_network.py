@@ -196,3 +196,19 @@ def test_optimizer_steps_reduce_multitask_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_gives_the_same_outputs_and_state_dict(spatial_dims):
+    plain, fast = make_net(spatial_dims), make_net(spatial_dims, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    conv = fast.encoder[1].conv1.conv.weight
+    memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    assert conv.is_contiguous(memory_format=memory_format) and not conv.is_contiguous()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = make_input(spatial_dims)
+    with torch.no_grad():
+        expected, got = plain.eval()(x), fast.eval()(x)
+    for key in ("seg", "boundary", "cls"):
+        assert got[key].is_contiguous()  # callers may .view() the outputs
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)

@@ -24,10 +24,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, patient_identifiers, random_checkpoint
 from mlflow.tracking import MlflowClient
 
 from medmtl.cli import EXIT_ERROR, main
@@ -42,16 +41,13 @@ from medmtl.engine.checkpoint import (
 )
 from medmtl.engine.precision import cpu_bf16_supported
 from medmtl.engine.runtime import setup_runtime
-from medmtl.inference.batch import load_inference_config
 from medmtl.inference.writers import write_nifti
-from medmtl.networks import MultiTaskUNet
 
 PHANTOM = REPO_ROOT / "bundles" / "phantom_mtl"
 CONFIGS = PHANTOM / "configs"
 TINY = ["--pipeline#patch_size", "[32,32,32]", "--num_folds", "2", "--val_interval", "1", "--num_workers", "0"]
 EPOCHS = 2
 EMPTY_CASE = "phantom_000"  # its label is emptied; a training case of fold 0 (seed 0)
-PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 WAIT_S = 420  # generous: the test machine is shared; nothing asserts on time
 
 
@@ -98,23 +94,6 @@ def histories(out: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
 def epoch_of(last: dict) -> int:
     trainer = last["trainer"]
     return int(trainer.get("epoch") or trainer["iteration"] // trainer["epoch_length"])
-
-
-def identifiers(root: Path) -> set[str]:
-    """The patient identifier values of every DICOM file under root."""
-    found = set()
-    for path in root.rglob("*"):
-        if path.is_file() and pydicom.misc.is_dicom(path):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            found |= {str(ds.get(k, "")) for k in PATIENT_KEYWORDS if str(ds.get(k, ""))}
-    return found
-
-
-def random_checkpoint(path: Path) -> Path:
-    """The phantom bundle's network, untrained, saved as a model.pt."""
-    args = load_inference_config(PHANTOM).get_parsed_content("network_args")
-    torch.manual_seed(0)
-    return atomic_torch_save(MultiTaskUNet(**args).state_dict(), path)
 
 
 class _Payload:
@@ -552,8 +531,9 @@ def test_hostile_series_descriptions_cannot_leave_the_output_folder(tmp_path: Pa
     for number, description in enumerate(hostile, start=1):
         write_dicom_series(image, np.eye(4), export / f"s{number}", study=_study(), series_description=description,
                            series_number=number)  # fmt: skip
+    model = random_checkpoint(PHANTOM, tmp_path / "m.pt")
     before = {p for p in tmp_path.rglob("*")}
-    code = main(["infer", str(export), "--bundle", str(PHANTOM), "--model", str(random_checkpoint(tmp_path / "m.pt")),
+    code = main(["infer", str(export), "--bundle", str(PHANTOM), "--model", str(model),
                  "--output", str(out), "--description", "T1", "--set", "pipeline#patch_size=[32,32,32]"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -570,7 +550,7 @@ def test_hostile_series_descriptions_cannot_leave_the_output_folder(tmp_path: Pa
 
 def test_no_patient_identifier_reaches_mlflow_or_the_logs(reference: Run, dataset: Path, tmp_path: Path, capsys,
                                                           caplog):  # fmt: skip
-    values = identifiers(dataset / "dicom")  # the export's name, id, birth date and accession number
+    values = patient_identifiers(dataset / "dicom")  # the export's name, id, birth date and accession number
     assert len(values) == 4 and any(v.startswith("PHANTOM^") for v in values)
 
     run = tmp_path / "run"  # a copy, so that the other tests see the reference run alone
