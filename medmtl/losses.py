@@ -127,16 +127,11 @@ class MultiTaskLoss(nn.Module):
                 f"MultiTaskLoss: head(s) {missing} are enabled but the network output has only "
                 f"{sorted(preds)}; switch them off in both the network and the loss"
             )
-        losses = {"seg": self._seg_loss(preds, targets)}
-        if "cls" in self.heads:
-            losses["cls"] = self._cls_loss(preds["cls"], targets.get("cls"))
-        if "boundary" in self.heads:
-            losses["boundary"] = self._boundary_loss(preds["boundary"], targets.get("boundary"))
-
+        losses = self.terms(preds, targets)
         total = preds["seg"].new_zeros(())
         terms: dict[str, float] = {}
         for head in self.heads:
-            weight = self._weight(head)
+            weight = self.weight(head)
             terms[f"weight_{head}"] = float(weight.detach()) if torch.is_tensor(weight) else weight
             loss = losses[head]
             if loss is None:
@@ -149,7 +144,19 @@ class MultiTaskLoss(nn.Module):
         self.last_terms = terms
         return total
 
-    def _weight(self, head: str) -> torch.Tensor | float:
+    def terms(self, preds: Mapping, targets: Mapping) -> dict[str, torch.Tensor | None]:
+        """The unweighted loss of every enabled head (None where the batch has no target for it).
+
+        ``forward`` weights and sums these; ``benchmarks/hippocampus_gradients.py`` differentiates them one by one.
+        """
+        losses = {"seg": self._seg_loss(preds, targets)}
+        if "cls" in self.heads:
+            losses["cls"] = self._cls_loss(preds["cls"], targets.get("cls"))
+        if "boundary" in self.heads:
+            losses["boundary"] = self._boundary_loss(preds["boundary"], targets.get("boundary"))
+        return losses
+
+    def weight(self, head: str) -> torch.Tensor | float:
         """Effective weight of a head: fixed ``w_t`` or ``c_t * exp(-s_t)``."""
         if self.weighting == "uncertainty":
             return _UNCERTAINTY_FACTORS[head] * torch.exp(-self.log_vars[head])

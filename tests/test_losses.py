@@ -59,6 +59,18 @@ def test_fixed_weighting_is_weighted_sum_of_dicece_ce_l1(spatial_dims):
     assert preds["seg"].grad is not None and preds["cls"].grad is not None
 
 
+def test_terms_are_the_unweighted_losses_forward_sums():
+    preds, targets = make_batch(3)
+    loss_fn = MultiTaskLoss(num_classes=3, heads=("seg", "boundary"), weights={"boundary": 0.2})
+    terms = loss_fn.terms(preds, {"label": targets["label"]})  # no boundary target in this batch
+    assert set(terms) == {"seg", "boundary"} and terms["boundary"] is None
+    torch.testing.assert_close(terms["seg"], dice_ce(preds["seg"], targets["label"]))
+    terms = loss_fn.terms(preds, targets)
+    torch.testing.assert_close(terms["boundary"], (preds["boundary"] - targets["boundary"]).abs().mean())
+    assert loss_fn.weight("boundary") == 0.2
+    torch.testing.assert_close(loss_fn(preds, targets), terms["seg"] + 0.2 * terms["boundary"])
+
+
 def test_missing_case_label_drops_that_sample():
     preds, targets = make_batch(3)
     loss_fn = MultiTaskLoss(num_classes=3)
