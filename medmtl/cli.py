@@ -32,9 +32,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         dicom_cases=args.dicom,
         spatial_dims=args.spatial_dims,
+        masked=args.masked,
     )
     exported = f" (+{args.dicom} held-out cases as a DICOM export)" if args.dicom else ""
-    print(f"wrote {args.cases} phantom cases{exported}: {dataset_json}")
+    masks = f", {args.masked} with a mask, the rest with a case label only" if args.masked is not None else ""
+    print(f"wrote {args.cases} phantom cases{masks}{exported}: {dataset_json}")
     return 0
 
 
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dicom", type=int, default=0, metavar="K", help="also write K cases as a DICOM study export")
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3, help="3D volumes or 2D images")
+    p.add_argument("--masked", type=int, metavar="K",
+                   help="partially labelled: only the first K cases keep their masks, the others only their "
+                   "lesion-present class (default: all masked)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser(

@@ -35,9 +35,15 @@ class MultiTaskLoss(nn.Module):
     - ``boundary``: L1 between ``preds["boundary"]`` (tanh) and ``targets["boundary"]`` of the same shape;
       NaN target voxels (e.g. a whole sample of NaN) are left out.
 
+    Partially labelled data: every term is computed per sample over the samples that have its target and
+    averaged over those only. A sample has a mask when its label has no negative value (the data pipeline
+    fills the label of a case without a mask with ``medmtl.data.transforms.NO_MASK`` = -1, and its boundary
+    target with NaN); it has a class label when its ``cls`` entry is not -1 (case) or NaN (presence).
     A term without any target in the batch (no ``"cls"``/``"boundary"`` key in ``targets``, every entry
-    missing) is left out of the total and its ``loss_*`` key is **omitted** from :attr:`last_terms` (not NaN,
-    so loggers that average per epoch need no NaN handling).
+    missing, no sample with a mask) is left out of the total and its ``loss_*`` key is **omitted** from
+    :attr:`last_terms` (not NaN, so loggers that average per epoch need no NaN handling). Its head's output
+    still enters the total multiplied by zero, so that head gets a zero gradient rather than none: every
+    parameter takes part in every backward pass, as DDP requires without ``find_unused_parameters``.
 
     Weighting:
 
@@ -135,6 +141,7 @@ class MultiTaskLoss(nn.Module):
             terms[f"weight_{head}"] = float(weight.detach()) if torch.is_tensor(weight) else weight
             loss = losses[head]
             if loss is None:
+                total = total + self._zero_anchor(preds, head)
                 continue
             terms[f"loss_{head}"] = float(loss.detach())
             total = total + weight * loss
@@ -156,17 +163,29 @@ class MultiTaskLoss(nn.Module):
             losses["boundary"] = self._boundary_loss(preds["boundary"], targets.get("boundary"))
         return losses
 
+    @staticmethod
+    def _zero_anchor(preds: Mapping, head: str) -> torch.Tensor:
+        """0 x the head's outputs: adds nothing to the total, gives the head a zero gradient (not None)."""
+        outputs = [preds[head], *preds.get("seg_ds", [])] if head == "seg" else [preds[head]]
+        return sum(0.0 * out.sum() for out in outputs)
+
     def weight(self, head: str) -> torch.Tensor | float:
         """Effective weight of a head: fixed ``w_t`` or ``c_t * exp(-s_t)``."""
         if self.weighting == "uncertainty":
             return _UNCERTAINTY_FACTORS[head] * torch.exp(-self.log_vars[head])
         return float(self.weights[head])
 
-    def _seg_loss(self, preds: Mapping, targets: Mapping) -> torch.Tensor:
+    def _seg_loss(self, preds: Mapping, targets: Mapping) -> torch.Tensor | None:
         if "label" not in targets:
             raise ValueError(f"MultiTaskLoss: targets have no 'label' (keys: {sorted(targets)})")
         label = targets["label"]
         levels = [preds["seg"], *preds.get("seg_ds", [])]
+        # a sample without a mask has a label filled with a negative value: Dice+CE over the others only
+        has_mask = label.reshape(label.shape[0], -1).amin(dim=1) >= 0
+        if not bool(has_mask.all()):
+            if not bool(has_mask.any()):
+                return None
+            label, levels = label[has_mask], [level[has_mask] for level in levels]
         if len(levels) == 1:
             return self.seg_loss(levels[0], label)
         weights = self.seg_loss.weights

@@ -43,10 +43,16 @@ so the boundary target is computed once per volume. Padding comes *before* the b
 voxels are background, and the distance map then sees them as such instead of being padded with zeros
 (which would mean "on the boundary").
 
+Partially labelled data: a datalist item without a "label" (a case with only a case-level class) is loaded
+with a label of ``medmtl.data.transforms.NO_MASK`` (-1) everywhere on the image's grid and a NaN boundary
+target, so it collates with the masked cases and the loss and metrics leave its segmentation terms out; its
+patches are centred uniformly at random (there is no foreground to aim at). An item without a "class" gets
+``cls`` -1 ("case" mode). The share of masked cases per batch is chosen by ``medmtl.data.sampling``.
+
 Outputs per training sample: "image" ``(C_in, *patch)`` float32, "label" ``(1, *patch)`` float32 holding
-class indices, "boundary" ``(num_classes - 1, *patch)`` float32 when ``boundary`` is on, "cls" when
-``cls_mode`` is set, plus the datalist's other fields except "class" (dropped: it may be absent in some
-items, which would break collation; "cls" replaces it).
+class indices (-1 for a case without a mask), "boundary" ``(num_classes - 1, *patch)`` float32 when
+``boundary`` is on, "cls" when ``cls_mode`` is set, plus the datalist's other fields except "class" (dropped:
+it may be absent in some items, which would break collation; "cls" replaces it).
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from medmtl.data.transforms import ClassTargetd, SignedDistanced
+from medmtl.data.transforms import ClassTargetd, FillMissingLabeld, SignedDistanced, has_mask
 from medmtl.errors import MedmtlError
 from medmtl.quiet import MONAI_READER_NOISE, silenced
 
@@ -235,14 +241,17 @@ def _data_dims(c: Mapping[str, Any]) -> int:
     return 3 if c["slice_axis"] is not None else c["spatial_dims"]
 
 
-def _load_and_resample(c: Mapping[str, Any], keys: Sequence[str], modes: Sequence[str], load: bool = True) -> list:
+def _load_and_resample(c: Mapping[str, Any], keys: Sequence[str], modes: Sequence[str], load: bool = True,
+                       partial: bool = False) -> list:
     """Load channel-first (unless the items hold MetaTensors already), reorient to RAS, resample; invertible
-    except for the loading."""
+    except for the loading. ``partial``: an item may lack its label (filled with NO_MASK after loading)."""
     dims = _data_dims(c)
     ts: list = []
     if load:
         with silenced(MONAI_READER_NOISE):  # building LoadImaged builds every reader; one warns on any CPU
-            ts.append(LoadImaged(keys, ensure_channel_first=True, image_only=True))
+            ts.append(LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=partial))
+    if partial:
+        ts.append(FillMissingLabeld(LABEL, IMAGE))
     # labels=None: take the axis labels from the MetaTensor's space (RAS or LPS), MONAI's coming default
     ts.append(Orientationd(keys, axcodes="RAS"[:dims], labels=None))
     if c["spacing"] is not None:
@@ -300,6 +309,20 @@ def _first(items: list) -> Any:
     return items[0]
 
 
+def _centres_anywhere_without_mask(d: dict) -> dict:
+    """A case without a mask has no foreground to aim at: draw its patch centres from every voxel.
+
+    Without this, ``RandCropByPosNegLabeld`` would warn on every such sample that it cannot balance the
+    classes. (A module function, so the chain pickles.)
+    """
+    label = d[LABEL]
+    if not has_mask(label):
+        d = dict(d)
+        # (MONAI counts NO_MASK voxels as foreground and any padding as background: take them all)
+        d[_FG] = d[_BG] = np.arange(int(np.prod(label.shape[1:])))
+    return d
+
+
 def _crop(c: Mapping[str, Any], keys: Sequence[str], size: Sequence[int], num_samples: int,
           cached_indices: bool) -> RandCropByPosNegLabeld:
     pos = float(c["pos_fraction"])
@@ -331,7 +354,7 @@ def train_transforms(cfg: Mapping[str, Any]) -> Compose:
     nc, patch = c["num_classes"], c["patch_size"]
     keys = [IMAGE, LABEL]
     patch_keys = keys + ([BOUNDARY] if c["boundary"] else [])
-    ts = _load_and_resample(c, keys, ["bilinear", "nearest"]) + _normalize(c)
+    ts = _load_and_resample(c, keys, ["bilinear", "nearest"], partial=True) + _normalize(c)
     if c["cls_mode"] == "case":
         ts.append(ClassTargetd("case"))
 
@@ -340,7 +363,7 @@ def train_transforms(cfg: Mapping[str, Any]) -> Compose:
         ts.append(SpatialPadd(keys, spatial_size=patch))
         if c["boundary"]:
             ts.append(SignedDistanced(LABEL, num_classes=nc, output_key=BOUNDARY))
-        ts.append(FgBgToIndicesd(LABEL))
+        ts += [FgBgToIndicesd(LABEL), Lambda(_centres_anywhere_without_mask)]
         # ---- random from here on
         ts += [
             _crop(c, patch_keys, patch, c["samples_per_volume"], cached_indices=True),
@@ -357,13 +380,20 @@ def train_transforms(cfg: Mapping[str, Any]) -> Compose:
         ts += [
             SpatialPadd(keys, spatial_size=in_plane),
             FgBgToIndicesd(LABEL),
+            Lambda(_centres_anywhere_without_mask),
             _crop(c, keys, slab, c["samples_per_volume"], cached_indices=True),
             DeleteItemsd([_FG, _BG]),
             SqueezeDimd(keys, dim=ax + 1),
         ]
         if c["boundary"]:
             ts.append(SignedDistanced(LABEL, num_classes=nc, output_key=BOUNDARY))
-        ts += [_crop(c, patch_keys, patch, 1, cached_indices=False), Lambda(_first)]
+        ts += [
+            FgBgToIndicesd(LABEL),
+            Lambda(_centres_anywhere_without_mask),
+            _crop(c, patch_keys, patch, 1, cached_indices=True),
+            Lambda(_first),
+            DeleteItemsd([_FG, _BG]),
+        ]
 
     ts += _augment(c, patch_keys)
     if c["cls_mode"] == "presence":
@@ -387,7 +417,7 @@ def val_transforms(cfg: Mapping[str, Any]) -> Compose:
     c = validate_config(cfg)
     nc = c["num_classes"]
     keys = [IMAGE, LABEL]
-    ts = _load_and_resample(c, keys, ["bilinear", "nearest"]) + _normalize(c)
+    ts = _load_and_resample(c, keys, ["bilinear", "nearest"], partial=True) + _normalize(c)
     out_keys = list(keys)
     if c["boundary"]:
         ts.append(SignedDistanced(LABEL, num_classes=nc, output_key=BOUNDARY, slice_axis=c["slice_axis"]))

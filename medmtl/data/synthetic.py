@@ -366,6 +366,7 @@ def generate_dataset(
     seed: int = 0,
     dicom_cases: int = 0,
     spatial_dims: int = 3,
+    masked: int | None = None,
 ) -> Path:
     """Write the phantom dataset in MSD layout (and optionally a DICOM export of extra cases).
 
@@ -377,19 +378,25 @@ def generate_dataset(
         dicom_cases: extra cases, not in `training`, written to imagesTs/labelsTs and as a DICOM study
             each under dicom/ (3D only).
         spatial_dims: 3 for volumes, 2 for images.
+        masked: partially labelled data: only the first `masked` training cases keep their masks (equally
+            many with and without a lesion, give or take one); the others are listed with their image and
+            their lesion-present `class` only, and no label file is written for them. None: every case.
 
     Returns:
         The path of the written dataset.json.
     """
     out = Path(out_dir)
     _check_dataset_arguments(cases, size, seed, dicom_cases, spatial_dims)
+    if masked is not None and not 0 <= masked <= cases:
+        raise MedmtlError(f"masked must be between 0 and the number of cases ({cases}), got {masked}")
     _prepare_empty_dir(out)
     width = max(3, len(str(cases + dicom_cases - 1)))
     training = []
     for index in range(cases):
         case_id = f"phantom_{index:0{width}d}"
         case = make_case(_case_rng(seed, index), size, spatial_dims, has_lesion=_lesion_flag(seed, index))
-        training.append(_write_nifti_pair(out, "imagesTr", "labelsTr", case_id, case))
+        with_mask = masked is None or index < masked
+        training.append(_write_nifti_pair(out, "imagesTr", "labelsTr" if with_mask else None, case_id, case))
     exports = []
     for number in range(dicom_cases):
         index = cases + number
@@ -423,6 +430,7 @@ def generate_dataset(
         "labels": LABELS,
         "classes": CLASSES,
         "numTraining": len(training),
+        **({"numMasked": masked} if masked is not None else {}),
         "numTest": len(exports),
         "training": training,
         "test": [entry["image"] for entry in exports],
@@ -501,11 +509,15 @@ def _lesion_flag(seed: int, index: int) -> bool:
     return index % 2 == first
 
 
-def _write_nifti_pair(out: Path, images: str, labels: str, case_id: str, case: PhantomCase) -> dict:
+def _write_nifti_pair(out: Path, images: str, labels: str | None, case_id: str, case: PhantomCase) -> dict:
+    """Write a case's image (and label unless `labels` is None); its dataset.json entry."""
     name = f"{case_id}.nii.gz"
-    for folder, array in ((images, case.image), (labels, case.label)):
-        _write_nifti(out / folder / name, array, case.affine)
-    return {"image": f"./{images}/{name}", "label": f"./{labels}/{name}", "class": int(case.has_lesion)}
+    _write_nifti(out / images / name, case.image, case.affine)
+    entry = {"image": f"./{images}/{name}"}
+    if labels is not None:
+        _write_nifti(out / labels / name, case.label, case.affine)
+        entry["label"] = f"./{labels}/{name}"
+    return {**entry, "class": int(case.has_lesion)}
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

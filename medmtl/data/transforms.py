@@ -33,7 +33,18 @@ from scipy import ndimage
 
 from medmtl.errors import MedmtlError
 
-__all__ = ["signed_distance_map", "SignedDistanced", "ClassTargetd"]
+__all__ = ["NO_MASK", "has_mask", "signed_distance_map", "FillMissingLabeld", "SignedDistanced", "ClassTargetd"]
+
+# Partially labelled data: the label of a case without a mask is filled with this value, so that it
+# collates with the masked cases and passes through the spatial transforms; the loss and the metrics leave
+# out every sample whose label has a negative value (padding may add zeros around it, never a negative).
+NO_MASK = -1
+
+
+def has_mask(label: np.ndarray | torch.Tensor) -> bool:
+    """Whether a (channel-first) label is a real mask, i.e. holds no :data:`NO_MASK` (negative) voxel."""
+    lab = label if isinstance(label, torch.Tensor) else torch.as_tensor(np.asarray(label))
+    return lab.numel() == 0 or bool(lab.min() >= 0)
 
 
 def signed_distance_map(
@@ -95,6 +106,49 @@ def _source_name(data: Mapping[Hashable, Any], key: Hashable) -> str:
         if name:
             return str(name)
     return str(data.get("case_id", key))
+
+
+class FillMissingLabeld(MapTransform):
+    """Give a case without a mask a label that says so: :data:`NO_MASK` everywhere, on the image's grid.
+
+    Place it right after loading (``LoadImaged(..., allow_missing_keys=True)``, channel-first) and before
+    any spatial transform, so that the filled label is reoriented, resampled, padded and cropped with the
+    image like a real one. A case with a label is returned unchanged.
+    """
+
+    def __init__(self, label_key: str = "label", image_key: str = "image") -> None:
+        """
+        Args:
+            label_key: the label key, absent or None for a case without a mask.
+            image_key: the channel-first image whose grid (and meta data) the filled label takes.
+        """
+        super().__init__(image_key)
+        self.label_key = label_key
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """
+        Args:
+            data: a sample dict holding the image.
+
+        Returns:
+            the dict with ``label_key`` set: the given label, or float32 ``(1, *spatial)`` of :data:`NO_MASK`
+            (a MetaTensor with a copy of the image's meta data when the image is one).
+        """
+        d = dict(data)
+        if d.get(self.label_key) is not None:
+            return d
+        image = d[self.image_key]
+        fill = torch.full((1, *image.shape[1:]), float(NO_MASK), dtype=torch.float32)
+        if isinstance(image, MetaTensor):
+            d[self.label_key] = MetaTensor(
+                fill, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
+            )
+        elif isinstance(image, torch.Tensor):
+            d[self.label_key] = fill.to(image.device)
+        else:
+            d[self.label_key] = fill.numpy()
+        return d
 
 
 class SignedDistanced(MapTransform):
@@ -160,7 +214,11 @@ class SignedDistanced(MapTransform):
                 name = _source_name(d, key)
                 raise MedmtlError(f"{name}: expected a one-channel label, got shape {tuple(label.shape)}")
             lab = convert_to_numpy(label[0])
-            if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
+            if not has_mask(lab):  # no mask, no distance map: NaN, which the loss leaves out
+                sdm = np.full((self.num_classes - 1, *lab.shape), np.nan, dtype=np.float32)
+                d[self.output_key] = self._like(label, sdm)
+                continue
+            if lab.size and lab.max() >= self.num_classes:
                 raise MedmtlError(
                     f"{_source_name(d, key)}: label values {lab.min():g}..{lab.max():g} are outside "
                     f"0..{self.num_classes - 1} (num_classes={self.num_classes})"
@@ -168,19 +226,22 @@ class SignedDistanced(MapTransform):
             spacing = None
             if self.use_spacing and isinstance(label, MetaTensor):
                 spacing = [float(s) for s in label.pixdim][: lab.ndim]
-            sdm = self._map(lab, spacing)
-            if isinstance(label, MetaTensor):
-                # copies, not shared objects: later transforms append to each tensor's history separately
-                d[self.output_key] = MetaTensor(
-                    torch.from_numpy(sdm),
-                    meta=copy.deepcopy(label.meta),
-                    applied_operations=copy.deepcopy(label.applied_operations),
-                )
-            elif isinstance(label, torch.Tensor):
-                d[self.output_key] = torch.from_numpy(sdm).to(label.device)
-            else:
-                d[self.output_key] = sdm
+            d[self.output_key] = self._like(label, self._map(lab, spacing))
         return d
+
+    @staticmethod
+    def _like(label: Any, sdm: np.ndarray) -> Any:
+        """The map as the label's type: a MetaTensor with copies of its meta data, a tensor, or an array."""
+        if isinstance(label, MetaTensor):
+            # copies, not shared objects: later transforms append to each tensor's history separately
+            return MetaTensor(
+                torch.from_numpy(sdm),
+                meta=copy.deepcopy(label.meta),
+                applied_operations=copy.deepcopy(label.applied_operations),
+            )
+        if isinstance(label, torch.Tensor):
+            return torch.from_numpy(sdm).to(label.device)
+        return sdm
 
 
 class ClassTargetd(MapTransform):
@@ -191,7 +252,8 @@ class ClassTargetd(MapTransform):
           tensor; a missing or None class gives -1, meaning "no target" (the loss ignores it).
           Position in the pipeline does not matter.
         * ``"presence"``: float tensor ``(num_classes - 1,)``, 1.0 where foreground class ``c`` occurs in the
-          sample's label. Place it after the patch crop so it describes the patch the network sees.
+          sample's label (NaN for a sample without a mask). Place it after the patch crop so it describes
+          the patch the network sees.
     """
 
     def __init__(
@@ -240,6 +302,8 @@ class ClassTargetd(MapTransform):
     def _presence_target(self, d: Mapping[Hashable, Any]) -> torch.Tensor:
         label = torch.as_tensor(d[self.label_key])
         assert self.num_classes is not None
+        if not has_mask(label):  # no mask: presence unknown (NaN, left out by the loss and the AUC)
+            return torch.full((self.num_classes - 1,), float("nan"))
         present = [bool((label == c).any()) for c in range(1, self.num_classes)]
         return torch.tensor(present, dtype=torch.float32)
 

@@ -19,6 +19,12 @@ Conventions (nnU-Net's): a class absent from both reference and prediction is no
 means); absent from the reference but predicted scores Dice 0. HD95 is in mm on the evaluated grid; a class
 present in the reference but not predicted gets the image diagonal as its HD95 (the worst possible value)
 rather than being dropped, so missing a structure is never rewarded.
+
+Partially labelled validation data: a case without a mask (label filled with a negative value, see
+`medmtl.data.transforms.NO_MASK`) gets no Dice, HD95, boundary error or overlay (NaN, left out of the means;
+`has_mask` false in its row of the case table); a case without a class label (-1, or NaN in presence mode)
+is left out of the AUC and accuracy. So `val/dice_*` is over the cases with a mask and `val/cls_auc` over
+those with a class label.
 """
 
 from __future__ import annotations
@@ -137,11 +143,14 @@ class MultiTaskEvaluation:
 
         Returns:
             rows with case_id, dice_<label>, hd95_<label>_mm, mean_dice, cls_prob, cls_true, boundary_mae and
-            (when kept) "overlay".
+            (when kept) "overlay"; a case without a mask has NaN Dice and HD95, no boundary_mae or overlay, and
+            has_mask False.
         """
         seg = pred["seg"].detach().float()
         n, ndim = seg.shape[0], seg.ndim - 2
         labels = targets["label"].detach().long()
+        masked = labels.flatten(1).amin(dim=1) >= 0  # a negative label: the case has no mask
+        labels = labels.clamp(min=0)  # one_hot needs valid indices; unmasked rows are blanked below
         pred_labels = seg.argmax(dim=1, keepdim=True)
         pred_oh = one_hot(pred_labels, self.num_classes)
         ref_oh = one_hot(labels, self.num_classes)
@@ -149,6 +158,7 @@ class MultiTaskEvaluation:
         ref_present = ref_oh[:, 1:].flatten(2).any(-1)
         pred_present = pred_oh[:, 1:].flatten(2).any(-1)
         dice[~ref_present & ~pred_present] = float("nan")
+        dice[~masked] = float("nan")
         spacings = self._spacings(image, n, ndim)
 
         case_ids = list(batch.get("case_id", [])) if batch is not None else []
@@ -156,17 +166,20 @@ class MultiTaskEvaluation:
         for b in range(n):
             row: dict[str, Any] = {"case_id": str(case_ids[b]) if b < len(case_ids) else f"case_{len(self.cases) + b}"}
             diag = float(np.linalg.norm(np.asarray(seg.shape[2:]) * spacings[b]))
+            has_mask = bool(masked[b])
+            if not has_mask:  # only then: a fully labelled set's table keeps its columns
+                row["has_mask"] = False
             for c, name in self.label_names.items():
                 row[f"dice_{metric_label(name)}"] = float(dice[b, c - 1])
                 row[f"hd95_{metric_label(name)}_mm"] = self._hd95(
                     pred_oh[b : b + 1, c : c + 1], ref_oh[b : b + 1, c : c + 1],
                     bool(ref_present[b, c - 1]), bool(pred_present[b, c - 1]), spacings[b], diag,
-                )
+                ) if has_mask else float("nan")
             row["mean_dice"] = _nanmean([row[f"dice_{metric_label(name)}"] for name in self.label_names.values()])
             row.update(self._classification(pred, targets, b))
-            if "boundary" in pred and "boundary" in targets:
+            if has_mask and "boundary" in pred and "boundary" in targets:
                 row["boundary_mae"] = float((pred["boundary"][b].float() - targets["boundary"][b].float()).abs().mean())
-            if self.keep_overlays:
+            if self.keep_overlays and has_mask:
                 row["overlay"] = _overlay_slice(image[b, 0], labels[b, 0], pred_labels[b, 0])
             rows.append(row)
         return rows
