@@ -2,7 +2,9 @@
 
 Each case is read with nibabel, one at a time (two volumes in memory at most), and checked for what
 breaks training silently or late: unreadable or truncated files, image/label shape or affine mismatch,
-label values that `dataset.json` does not declare, NaN/Inf intensities, implausible voxel spacing.
+label values that `dataset.json` does not declare, complex or RGB voxels, NaN/Inf or absurd intensities,
+implausible voxel spacing (the rules of `medmtl.data.plausibility`, which `medmtl infer` applies too), and a
+case whose dimensionality or channel count differs from the rest of the dataset.
 Problems make the report fail; warnings (an all-background label, a constant image, files on disk that
 `dataset.json` does not list) are printed but do not. Nothing in the dataset folder is written.
 """
@@ -20,11 +22,17 @@ import nibabel as nib
 import numpy as np
 
 from medmtl.data.datalist import DATASET_JSON, label_names, load_datalist, read_dataset_json
+from medmtl.data.plausibility import (
+    SPACING_RANGE_MM,
+    dtype_problem,
+    intensity_problem,
+    layout_problem,
+    spacing_problem,
+)
 from medmtl.errors import MedmtlError
 
 logger = logging.getLogger(__name__)
 
-SPACING_RANGE_MM = (0.05, 20.0)  # outside this a header is almost surely wrong (m vs mm, unset pixdim)
 SPACING_RTOL = 1e-3  # relative, on voxel spacing
 DIRECTION_ATOL = 1e-3  # on direction cosines
 ORIGIN_ATOL_MM = 1e-2
@@ -55,6 +63,8 @@ class CaseReport:
     spacing: tuple[float, ...] | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    spatial_dims: int | None = None  # of the first image, when readable
+    channels: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,8 +138,16 @@ def _value_set(values: Sequence) -> str:
     return "{" + ", ".join(str(v) for v in shown) + (", ..." if len(values) > 10 else "") + "}"
 
 
-def _read_error(err: Exception, path: Path) -> str:
-    """A short reason for a failed read, without the absolute path nibabel puts in its messages."""
+def read_error_text(err: Exception, path: Path) -> str:
+    """A short reason why nibabel could not read `path`, without the absolute path it puts in its messages.
+
+    Args:
+        err: what nibabel raised.
+        path: the file.
+
+    Returns:
+        one line, e.g. "truncated gzip stream".
+    """
     if isinstance(err, EOFError):
         return "truncated gzip stream"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -223,7 +241,7 @@ class _CaseChecker:
         try:
             return nib.load(path)
         except Exception as err:  # any failure, not just known ones: one bad file must not stop the report
-            case.problems.append(f"{self.rel(path)}: unreadable ({_read_error(err, Path(path))})")
+            case.problems.append(f"{self.rel(path)}: unreadable ({read_error_text(err, Path(path))})")
             return None
 
     def read(self, img: nib.spatialimages.SpatialImage, path: str, case: CaseReport) -> np.ndarray | None:
@@ -231,7 +249,7 @@ class _CaseChecker:
         try:
             return np.asanyarray(img.dataobj)
         except Exception as err:  # truncated gzip gives EOFError, zlib.error or OSError, among others
-            case.problems.append(f"{self.rel(path)}: unreadable ({_read_error(err, Path(path))})")
+            case.problems.append(f"{self.rel(path)}: unreadable ({read_error_text(err, Path(path))})")
             return None
 
     def check(self, entry: dict) -> CaseReport:
@@ -256,6 +274,12 @@ class _CaseChecker:
                 continue
             if i == 0:
                 case.shape = tuple(int(n) for n in img.shape)
+            unusable = dtype_problem(img.get_data_dtype())
+            if unusable:
+                case.problems.append(f"{self.rel(path)}: {unusable}")
+                continue
+            if i == 0:
+                case.spatial_dims, case.channels = _layout(img.shape, spatial)
             self._check_geometry(img, path, label_img, label_path, spatial, case, first=i == 0)
             data = self.read(img, path, case)
             if data is not None:
@@ -285,10 +309,9 @@ class _CaseChecker:
         spacing = np.linalg.norm(affine[:3, :ndim], axis=0)
         if first:
             case.spacing = tuple(round(float(s), 6) for s in spacing)
-        lo, hi = self.spacing_range
-        if not ((spacing >= lo) & (spacing <= hi)).all():
-            shown = "x".join(f"{s:.4g}" for s in spacing)
-            case.problems.append(f"{self.rel(path)}: spacing {shown} mm outside {lo:g}..{hi:g} mm")
+        implausible = spacing_problem(spacing, self.spacing_range)
+        if implausible:
+            case.problems.append(f"{self.rel(path)}: {implausible}")
         if label_img is None:
             return
         # the label's trailing singleton axes are not spatial; the image may add channels after them
@@ -306,8 +329,13 @@ class _CaseChecker:
             n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
             found = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
             case.problems.append(f"{self.rel(path)}: {' and '.join(found)} voxels in the image")
-        elif data.size and data.min() == data.max():
-            case.warnings.append(f"{self.rel(path)}: image is constant ({data.flat[0]:g})")
+        elif data.size:
+            low, high = float(data.min()), float(data.max())
+            absurd = intensity_problem(low, high)
+            if absurd:
+                case.problems.append(f"{self.rel(path)}: {absurd}")
+            elif low == high:
+                case.warnings.append(f"{self.rel(path)}: image is constant ({data.flat[0]:g})")
 
     def _check_label_values(self, data: np.ndarray, path: str, case: CaseReport) -> None:
         rel = self.rel(path)
@@ -335,6 +363,33 @@ class _CaseChecker:
             case.problems.append(f"{rel}: negative label values {_value_set(others[others < 0])}")
         if not data.any():
             case.warnings.append(f"{rel}: label is empty (all background)")
+
+
+def _layout(shape: Sequence[int], label_dims: int | None) -> tuple[int, int]:
+    """(spatial dimensions, channels) of an image: the label's spatial axes, the rest channels; without a
+    label a 4D image is 3D with channels and trailing singleton axes are not spatial."""
+    if label_dims is None:
+        label_dims = 3 if len(shape) == 4 else _spatial_ndim(shape)
+    channels = int(np.prod(shape[label_dims:])) if len(shape) > label_dims else 1
+    return label_dims, channels
+
+
+def _check_layouts(meta: dict, cases: Sequence[CaseReport]) -> None:
+    """Flag cases whose dimensionality or channel count differs from the dataset's.
+
+    The channels expected are the modalities `dataset.json` declares; the dimensionality is the one most
+    cases have (a 2D slice among 3D volumes crashes training at its first validation, naming no file).
+    """
+    modality = meta.get("modality")
+    declared = len(modality) if isinstance(modality, dict) and modality else None
+    dims = Counter(c.spatial_dims for c in cases if c.spatial_dims is not None)
+    expected_dims = dims.most_common(1)[0][0] if dims else None
+    for case in cases:
+        if case.spatial_dims is None:
+            continue
+        mismatch = layout_problem(case.spatial_dims, case.channels or 1, expected_dims, declared)
+        if mismatch:
+            case.problems.append(f"{case.image.split(', ')[0]}: {mismatch}")
 
 
 def _listed_paths(meta: dict, folder: Path, sections: Iterable[str]) -> set[str]:
@@ -429,6 +484,8 @@ def check_dataset(
         report.problems.append(f"{err}; label values are not checked against it")
     _check_listing(meta, folder, report)
 
+    if section == "training" and not entries:
+        report.problems.append(f"{DATASET_JSON}: 'training' lists no cases; there is nothing to train on")
     ids = Counter(str(e["case_id"]) for e in entries)
     repeated = sorted(i for i, n in ids.items() if n > 1)
     if repeated:
@@ -440,6 +497,7 @@ def check_dataset(
         case = checker.check(entry)
         logger.debug("%s", case.format())
         report.cases.append(case)
+    _check_layouts(meta, report.cases)
     return report
 
 

@@ -181,7 +181,17 @@ def load_datalist(dataset_dir: Path | str, section: str = "training") -> list[di
     items = load_decathlon_datalist(
         folder / DATASET_JSON, is_segmentation=True, data_list_key=section, base_dir=folder
     )
-    for item in items:
+    for i, item in enumerate(items):
+        for key in ("image", "label"):
+            for path in item.get(key) if isinstance(item.get(key), list) else [item.get(key)]:
+                # a listed path must not leave the dataset: "../other/x.nii.gz" would train on files that
+                # belong to another dataset (or to nobody) without a word
+                if path is not None and not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder)):
+                    written = meta[section][i][key] if isinstance(meta[section][i], dict) else meta[section][i]
+                    raise MedmtlError(
+                        f"{folder / DATASET_JSON}: {section}[{i}] '{key}' {written!r} points outside the dataset "
+                        "folder; list files inside it (relative paths such as ./imagesTr/case.nii.gz)"
+                    )
         image = item["image"]
         item.setdefault("case_id", case_id_from_path(image[0] if isinstance(image, list) else image))
     return items
@@ -239,7 +249,8 @@ def kfold_split(
     if not 0 <= fold < n_folds:
         raise MedmtlError(f"fold must be in 0..{n_folds - 1}, got {fold}")
     if len(items) < n_folds:
-        raise MedmtlError(f"cannot split {len(items)} cases into {n_folds} folds")
+        remedy = f"pass --num_folds N with 2 <= N <= {len(items)}" if len(items) >= 2 else "at least 2 are needed"
+        raise MedmtlError(f"cannot split {len(items)} cases into {n_folds} folds; add cases or {remedy}")
 
     def case_id(item: dict) -> str:
         if "case_id" in item:
