@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medmtl import __version__
-from medmtl.errors import MedmtlError
+from medmtl.errors import MedmtlError, printable_console
 
 EXIT_FAILED = 1  # the command ran and found problems (bad cases, failed inputs)
 EXIT_ERROR = 2  # the command could not run (bad arguments, unreadable input)
@@ -116,6 +116,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         overrides["save_maps"] = True
     if args.quiet:
         overrides["quiet"] = True
+    if args.overwrite:
+        overrides["overwrite"] = True
     parser = load_inference_config(args.bundle, overrides)
     cli_rule = {
         "modality": args.modality, "description": args.description, "min_slices": args.min_slices,
@@ -240,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", help="comma-separated outputs among nifti,dicom-seg,report (default all)")
     p.add_argument("--save-maps", action="store_true", help="also write probability and boundary maps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info lines (errors still print)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier medmtl outputs of the same inputs (nothing else is ever replaced)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an inference.yaml key (YAML value), e.g. pipeline#patch_size=[32,32,32]")
     add_series_rule_options(p)
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `medmtl` command; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    printable_console()  # a file name in another encoding must not crash the last line of a run
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)

@@ -1,4 +1,10 @@
-"""The one exception type that carries a message meant for the user."""
+"""The one exception type that carries a message meant for the user, and how it reaches the user."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
 
 
 class MedmtlError(Exception):
@@ -7,3 +13,54 @@ class MedmtlError(Exception):
     The message names the file, series or setting at fault and what is wrong with it. The command line
     prints it as one line and exits non-zero; batch jobs record it and carry on with the other inputs.
     """
+
+
+def medmtl_cause(err: BaseException | None) -> MedmtlError | None:
+    """The `MedmtlError` behind an exception, if any: MONAI's config parser wraps what a bundle config
+    expression raised in RuntimeErrors, so the user's message sits somewhere down the chain.
+
+    Args:
+        err: the exception caught.
+
+    Returns:
+        the first `MedmtlError` in its cause/context chain (itself included), or None.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MedmtlError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def show_user_errors_as_one_line() -> None:
+    """Make an uncaught exception that carries a `MedmtlError` print as ``error: <message>`` (exit status 1).
+
+    For ``python -m monai.bundle run``, which has no handler of its own: without this, a bad setting or dataset
+    found while a config is being evaluated ends in a long traceback through MONAI's parser. Other exceptions,
+    and every exception when ``MEDMTL_DEBUG`` is set, keep Python's traceback. Safe to call more than once.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "medmtl", False):
+        return
+
+    def hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
+        cause = medmtl_cause(err)
+        if cause is None or os.environ.get("MEDMTL_DEBUG"):
+            previous(kind, err, tb)
+        else:
+            print(f"error: {cause} (MEDMTL_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+
+    hook.medmtl = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def printable_console() -> None:
+    """Let stdout and stderr print any text: a character the stream cannot encode (a file name in another
+    encoding, a strict ASCII or UTF-8 terminal) shows as an escape instead of ending the run with a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream that can be reconfigured
+            pass

@@ -535,7 +535,7 @@ def test_infer_segments_enhanced_mr_and_refuses_the_rest(random_model: Path, tmp
     assert any("'T1 one'" in line and "1 slice(s), at least 8 needed" in line for line in failed)
     (folder,) = out.iterdir()  # nothing for the refused series
     assert folder.name.startswith("40_T1_enhanced_")
-    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "seg.nii.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == [".medmtl-output", "report.json", "seg.nii.gz"]
     report = json.loads((folder / "report.json").read_text())
     assert report["input"]["num_slices"] == 12 and report["input"]["shape"] == [16, 16, 12]
     seg = nib.load(folder / "seg.nii.gz")

@@ -119,7 +119,7 @@ def test_infer_dicom_export_with_trained_model(trained: Path, export: Path, tmp_
     for name in folders:
         assert f"done    {name}/ (seg.nii.gz, seg.dcm, report.json)" in captured.out
         folder = out / name
-        assert sorted(p.name for p in folder.iterdir()) == ["report.json", "seg.dcm", "seg.nii.gz"]
+        assert sorted(p.name for p in folder.iterdir()) == [".medmtl-output", "report.json", "seg.dcm", "seg.nii.gz"]
         report = json.loads((folder / "report.json").read_text())
         assert report["input"]["description"] == "T1 MPRAGE phantom"
         assert report["input"]["modality"] == "MR" and report["input"]["num_slices"] == 32
@@ -342,15 +342,15 @@ def test_setup_errors_exit_2_with_one_line(args, message, export: Path, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_rerun_replaces_the_previous_outputs(random_model: Path, export: Path, tmp_path: Path, capsys):
+def test_rerun_with_overwrite_replaces_the_previous_outputs(random_model: Path, export: Path, tmp_path: Path, capsys):
     out = tmp_path / "out"
     args = ["infer", str(export / "imagesTs"), "--bundle", str(PHANTOM), "--model", str(random_model),
             "--output", str(out), "--quiet", *TINY]  # fmt: skip
     assert main([*args, "--save-maps"]) == 0
-    assert main(args) == 0
+    assert main([*args, "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["phantom_001", "phantom_002"]
-    assert sorted(p.name for p in (out / "phantom_001").iterdir()) == ["report.json", "seg.nii.gz"]
+    assert sorted(p.name for p in (out / "phantom_001").iterdir()) == [".medmtl-output", "report.json", "seg.nii.gz"]
     report = json.loads((out / "phantom_001" / "report.json").read_text())
     assert report["input"] == {
         "type": "nifti",

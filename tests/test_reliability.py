@@ -41,6 +41,7 @@ from medmtl.engine.checkpoint import (
 )
 from medmtl.engine.precision import cpu_bf16_supported
 from medmtl.engine.runtime import setup_runtime
+from medmtl.inference.batch import OUTPUT_MARKER
 from medmtl.inference.writers import write_nifti
 
 PHANTOM = REPO_ROOT / "bundles" / "phantom_mtl"
@@ -543,7 +544,7 @@ def test_hostile_series_descriptions_cannot_leave_the_output_folder(tmp_path: Pa
     assert len(folders) == len(hostile)
     for name in folders:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and name not in (".", ".."), name
-        assert sorted(p.name for p in (out / name).iterdir()) == ["report.json", "seg.dcm", "seg.nii.gz"]
+        assert sorted(p.name for p in (out / name).iterdir()) == [OUTPUT_MARKER, "report.json", "seg.dcm", "seg.nii.gz"]
     # nothing of the descriptions' control characters reaches the terminal
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", captured.out + captured.err)
 

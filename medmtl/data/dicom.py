@@ -39,7 +39,12 @@ from monai.transforms import LoadImage
 from monai.utils import MetaKeys, ensure_tuple
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 
 from medmtl.errors import MedmtlError
 from medmtl.quiet import MONAI_READER_NOISE, silenced
@@ -303,10 +308,12 @@ def _pixel_data_error(path: Path, ds: pydicom.Dataset) -> str | None:
     tell = getattr(elem, "value_tell", None)
     if length is None or tell is None or length == _UNDEFINED_LENGTH:
         return None  # fully read (small or encapsulated): a truncation would have failed the read
-    available = path.stat().st_size - tell
-    if available < length:
-        return f"pixel data truncated ({max(available, 0)} of {length} bytes)"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    # in a deflated file the offset counts inflated bytes, so the file size says nothing about truncation
+    # (a cut deflate stream fails the read instead)
+    available = path.stat().st_size - tell
+    if syntax != DeflatedExplicitVRLittleEndian and available < length:
+        return f"pixel data truncated ({max(available, 0)} of {length} bytes)"
     if syntax is not None and not syntax.is_compressed:
         bits = _int_or_none(ds.get("BitsAllocated")) or 16
         pixels = (
@@ -400,15 +407,37 @@ def _series_uid_only(path: Path) -> str | None:
         return None
 
 
+def _headerless_dicom(path: Path) -> bool:
+    """Whether a file without the 128-byte preamble and "DICM" starts like a bare DICOM data set.
+
+    Some archives and old scanners write the data set alone; it then starts with a tag of the file meta
+    (0002,xxxx) or identifying (0008,xxxx) group, little endian. Only such files are read with force=True.
+    """
+    with open(path, "rb") as fp:
+        head = fp.read(4)
+    return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
+
+
+def _read_dataset(path: Path | str, **kwargs: Any) -> pydicom.Dataset:
+    """`pydicom.dcmread` that also reads a data set stored without preamble (see `_headerless_dicom`)."""
+    ds = pydicom.dcmread(path, **{"force": True, **kwargs})
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta:
+        # no file meta: the pixel decoders need the transfer syntax the data set was actually read with
+        implicit, _little = ds.original_encoding
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
 def _read_header(path: Path) -> list[_Header] | str | None:
     """Headers of one file's slices, an error text for a broken DICOM file, or None to skip it."""
     try:
-        if not is_dicom(path):
+        if not is_dicom(path) and not _headerless_dicom(path):
             return None
     except OSError as err:
         return f"cannot be opened ({err.strerror or err})"
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        ds = _read_dataset(path, defer_size=_DEFER_BYTES)
         return _header_from_dataset(path, ds)
     except Exception as err:  # pydicom raises many types for corrupt files; all mean "unreadable"
         reason = f"not a readable DICOM file ({type(err).__name__})"
@@ -869,7 +898,7 @@ class DicomSeriesReader(PydicomReader):
                 if name in read:
                     continue
                 try:
-                    read[name] = pydicom.dcmread(name, **{**self.kwargs, **kwargs})
+                    read[name] = _read_dataset(name, **{**self.kwargs, **kwargs})
                 except Exception as err:  # corrupt files raise many types; all mean "unreadable"
                     raise MedmtlError(
                         f"{self.series_label}: {name}: not a readable DICOM file ({type(err).__name__})"

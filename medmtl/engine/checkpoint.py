@@ -38,6 +38,7 @@ from ignite.engine import Engine, Events
 from medmtl.errors import MedmtlError
 
 logger = logging.getLogger(__name__)
+NOT_A_CHECKPOINT = "not a PyTorch checkpoint (no saved weights could be read from it)"
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
@@ -123,9 +124,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device | None = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedmtlError(f"{path}: refused to load: {_unpickling_reason(err)}") from None
+        reason = _unpickling_reason(err)
+        refused = "" if reason == NOT_A_CHECKPOINT else "refused to load: "
+        raise MedmtlError(f"{path}: {refused}{reason}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MedmtlError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    except Exception:  # a file that is no checkpoint at all (text, an image) fails deep in pickle with anything
+        raise MedmtlError(f"{path}: {NOT_A_CHECKPOINT}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -141,9 +146,11 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
             f"it would import `{found.group(1)}`, and a checkpoint may hold only tensors and plain values "
             "(weights-only loading: a checkpoint must never run code)"
         )
-    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
-    reason = detail.group(1).strip() if detail else _first_line(err)
-    return f"not a weights-only checkpoint ({reason})"
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+    if detail is None or detail.group(1).startswith("Unsupported operand"):
+        # not pickled data at all (a text, image or random file): torch's advice to load it unsafely is wrong
+        return NOT_A_CHECKPOINT
+    return f"not a weights-only checkpoint ({detail.group(1).strip()})"
 
 
 def is_rank0() -> bool:

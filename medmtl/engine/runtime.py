@@ -28,6 +28,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import set_determinism
 
+from medmtl.errors import show_user_errors_as_one_line
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +42,7 @@ def setup_runtime(seed: int, deterministic: bool = False) -> None:
         deterministic: on CUDA, trade speed for run-to-run reproducibility (see the module docstring). CPU
             runs are deterministic either way.
     """
+    show_user_errors_as_one_line()  # a bad setting found while the bundle config is evaluated: one line
     set_determinism(seed=seed)
     if deterministic:
         # cuBLAS reads this when it starts: set before the first CUDA matrix product

@@ -9,8 +9,13 @@ and the run goes on with the others.
 Each input gets one folder ``OUT/<name>/`` (name: the NIfTI file stem, or ``<SeriesNumber>_<description>_<UID
 tail>`` for a series, made safe by `safe_name`) holding ``seg.nii.gz``, ``seg.dcm`` (DICOM SEG, DICOM inputs
 only), ``probabilities.nii.gz`` and ``boundary.nii.gz`` (with ``save_maps``; channels last) and
-``report.json``. The files are written into a hidden staging folder beside it and the folder is renamed into
-place at the end, so an input that fails leaves nothing behind. Nothing is written inside the input tree.
+``report.json``, and a hidden ``.medmtl-output`` marker. The files are written into a hidden staging folder
+beside it and the folder is renamed into place at the end, so an input that fails leaves nothing behind.
+Nothing is written inside the input tree, and nothing the run did not write is ever replaced: an existing
+``OUT/<name>`` makes that input fail with one line, and ``overwrite`` replaces only an earlier medmtl output
+(a folder holding the marker, or an earlier version's ``report.json``, and nothing but output files). Each
+format is written on its own: one that cannot be written (a DICOM SEG of a source with broken patient
+attributes) is a warning in the report and the summary, and the others stay.
 
 No patient identifier (PatientName, PatientID, PatientBirthDate, AccessionNumber) is read into names,
 messages or reports: series are named by their description, number and UID.
@@ -19,12 +24,14 @@ messages or reports: series are named by their description, number and UID.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ from typing import Any
 import numpy as np
 
 import medmtl
+from medmtl.data.checks import read_error_text
 from medmtl.data.dicom import (
     NOT_DATA_ERRORS,
     SeriesInfo,
@@ -40,7 +48,8 @@ from medmtl.data.dicom import (
     load_series,
     select_series,
 )
-from medmtl.errors import MedmtlError
+from medmtl.data.plausibility import dtype_problem
+from medmtl.errors import MedmtlError, medmtl_cause, printable_console
 from medmtl.inference.predictor import Prediction, Predictor
 from medmtl.inference.writers import label_volumes_ml, safe_name, write_dicom_seg, write_nifti, write_report
 from medmtl.quiet import MONAI_READER_NOISE, silenced
@@ -63,6 +72,9 @@ __all__ = [
 
 FORMATS = ("nifti", "dicom-seg", "report")
 EXIT_FAILED = 1  # as medmtl.cli: the run went through but some inputs failed
+OUTPUT_MARKER = ".medmtl-output"  # in every output folder: what `overwrite` may replace
+# every file medmtl writes into an output folder; a folder holding anything else is the user's
+OUTPUT_FILES = frozenset({"seg.nii.gz", "seg.dcm", "probabilities.nii.gz", "boundary.nii.gz", "report.json"})
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _RULE_KEYS = ("modality", "description", "min_slices", "largest", "series_uid")
 
@@ -95,10 +107,11 @@ class Outcome:
     reason: str | None = None
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # requested outputs that could not be written
 
     @property
     def ok(self) -> bool:
-        """Whether the input was processed and its outputs written."""
+        """Whether the input was processed and (at least some of) its outputs written."""
         return self.reason is None
 
 
@@ -122,8 +135,8 @@ class BatchSummary:
 
     @property
     def ok(self) -> bool:
-        """True when at least one input was processed and none failed."""
-        return bool(self.done) and not self.failed
+        """True when at least one input was processed, none failed and every requested output was written."""
+        return bool(self.done) and not self.failed and not any(o.warnings for o in self.done)
 
     def format(self) -> str:
         """The summary in words: a headline, one line per output folder, one line per failure.
@@ -132,7 +145,9 @@ class BatchSummary:
             text without a trailing newline.
         """
         lines = [f"{len(self.done)} input(s) done, {len(self.failed)} failed; outputs in {self.output_dir}"]
-        lines += [f"  done    {o.name}/ ({', '.join(o.files)})" for o in self.done]
+        for o in self.done:
+            lines.append(f"  done    {o.name}/ ({', '.join(o.files)})")
+            lines += [f"  warning {o.name}: {w}" for w in o.warnings]
         lines += [f"  failed  {o.reason}" for o in self.failed]
         return "\n".join(lines)
 
@@ -209,6 +224,21 @@ def parse_formats(formats: str | Sequence[str] | None) -> list[str]:
 # inputs
 
 
+def display_path(path: Path | str) -> str:
+    """A path as text that can always be printed and written to JSON.
+
+    File names are bytes on Linux; a name in another encoding (Latin-1 ``caf\\xe9.nii.gz``) reaches Python as
+    lone surrogates, which no UTF-8 stream or file accepts. They are shown as ``\\xe9`` escapes.
+
+    Args:
+        path: the path.
+
+    Returns:
+        valid Unicode text, the same as ``str(path)`` for every UTF-8 name.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
@@ -270,10 +300,10 @@ def find_inputs(input_path: Path | str, rule: SeriesRule | None = None) -> tuple
     taken: set[str] = set()
     items: list[InputItem] = []
     if root.is_file() and _is_nifti(root):
-        return [InputItem(label=str(root), name=_unique(safe_name(_nifti_stem(root)), taken), path=root)], []
+        return [InputItem(label=display_path(root), name=_unique(safe_name(_nifti_stem(root)), taken), path=root)], []
     niftis = sorted(p for p in root.iterdir() if p.is_file() and _is_nifti(p)) if root.is_dir() else []
     for path in niftis:
-        items.append(InputItem(label=str(path), name=_unique(safe_name(_nifti_stem(path)), taken), path=path))
+        items.append(InputItem(display_path(path), _unique(safe_name(_nifti_stem(path)), taken), path))
     series = discover_series(root)
     chosen = select_series(series, rule)
     for s in chosen:
@@ -323,11 +353,23 @@ def _load(item: InputItem, predictor: Predictor) -> Any:
         # a 3D model needs a volume: refuse a series with too few slices before reading its pixels
         min_slices = predictor.min_slices if predictor.slice_axis is None and predictor.data_dims == 3 else 1
         return load_series(item.series, min_slices=min_slices)
+    import nibabel as nib
+
+    # the header first, with nibabel alone: LoadImage would try every other reader on a broken file and
+    # report the last one's complaint (a DICOM error for a .nii.gz), and would cast complex data to real
     try:
-        return _nifti_loader()(str(item.path))
-    except Exception as err:  # nibabel/MONAI raise many types for a truncated or foreign file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise MedmtlError(f"{item.path}: not a readable NIfTI file ({type(err).__name__}: {first})") from None
+        dtype = nib.load(item.path).get_data_dtype()
+    except Exception as err:  # nibabel raises many types for a foreign or truncated header
+        raise MedmtlError(f"{item.label}: not a readable NIfTI file ({read_error_text(err, item.path)})") from None
+    unusable = dtype_problem(dtype)
+    if unusable:
+        raise MedmtlError(f"{item.label}: {unusable}")
+    try:
+        with silenced(MONAI_READER_NOISE):
+            return _nifti_loader()(str(item.path))
+    except Exception as err:  # truncated voxel data: EOFError, zlib.error, OSError, ...
+        cause = _innermost(err)
+        raise MedmtlError(f"{item.label}: not a readable NIfTI file ({read_error_text(cause, item.path)})") from None
 
 
 def _spacing(affine: np.ndarray, ndim: int) -> list[float]:
@@ -338,7 +380,7 @@ def _input_report(item: InputItem, prediction: Prediction) -> dict[str, Any]:
     shape = list(prediction.label.shape)
     spacing = _spacing(prediction.affine, len(shape))
     if item.series is None:
-        return {"type": "nifti", "path": str(item.path), "shape": shape, "spacing_mm": spacing}
+        return {"type": "nifti", "path": display_path(item.path), "shape": shape, "spacing_mm": spacing}
     s = item.series
     return {
         "type": "dicom",
@@ -359,41 +401,99 @@ def _write_outputs(
     formats: Sequence[str],
     save_maps: bool,
     bundle: Mapping[str, Any],
-) -> list[str]:
-    """Write the requested files of one input into `folder`; returns their names."""
-    written = []
+) -> tuple[list[str], list[str]]:
+    """Write the requested files of one input into `folder`, each on its own.
+
+    Returns:
+        (names of the files written, one warning per requested file that could not be written).
+    """
+    jobs: list[tuple[str, Callable[[], Path]]] = []
     if "nifti" in formats:
-        written.append(
-            write_nifti(prediction.label, prediction.affine, folder / "seg.nii.gz", dtype=np.uint8).name
-        )
+        jobs.append(("seg.nii.gz", lambda: write_nifti(prediction.label, prediction.affine, folder / "seg.nii.gz",
+                                                      dtype=np.uint8)))  # fmt: skip
     if save_maps and prediction.probabilities is not None:
         probs = np.moveaxis(prediction.probabilities, 0, -1)  # NIfTI: channels after the spatial axes
-        written.append(write_nifti(probs, prediction.affine, folder / "probabilities.nii.gz").name)
+        jobs.append(("probabilities.nii.gz",
+                     lambda: write_nifti(probs, prediction.affine, folder / "probabilities.nii.gz")))  # fmt: skip
     if save_maps and prediction.boundary is not None:
         boundary = np.moveaxis(prediction.boundary, 0, -1)
-        written.append(write_nifti(boundary, prediction.affine, folder / "boundary.nii.gz").name)
+        jobs.append(("boundary.nii.gz",
+                     lambda: write_nifti(boundary, prediction.affine, folder / "boundary.nii.gz")))  # fmt: skip
     if "dicom-seg" in formats and item.series is not None:
-        path = write_dicom_seg(
-            prediction.label,
-            item.series,
-            prediction.label_names,
-            folder / "seg.dcm",
-            algorithm_name=str(bundle.get("name", "medmtl")),
-            algorithm_version=str(bundle.get("version", "")),
+        name, version = str(bundle.get("name", "medmtl")), str(bundle.get("version", ""))
+        jobs.append(("seg.dcm", lambda: write_dicom_seg(
+            prediction.label, item.series, prediction.label_names, folder / "seg.dcm",
+            algorithm_name=name, algorithm_version=version,
+        )))  # fmt: skip
+    written, warnings = [], []
+    for name, write in jobs:
+        try:
+            written.append(write().name)
+        except Exception as err:  # one format failing (a SEG of an odd source) must not lose the others
+            if isinstance(err, NOT_DATA_ERRORS):
+                raise
+            reason = str(err) if isinstance(err, MedmtlError) else f"{type(err).__name__}: {_first_line(err)}"
+            warnings.append(f"{name} not written: {reason}")
+    return written, warnings
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def is_medmtl_output(folder: Path) -> bool:
+    """Whether `folder` is an earlier medmtl output that `overwrite` may replace.
+
+    It must be a real folder (not a link) holding the `OUTPUT_MARKER` (or, from versions before the marker,
+    a ``report.json`` that names a ``medmtl_version``) and nothing but files medmtl writes: a folder to which
+    anyone added a file of their own is never replaced.
+
+    Args:
+        folder: the existing ``OUT/<name>``.
+
+    Returns:
+        True when replacing it loses nothing but medmtl's own outputs.
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    if any(p.name not in OUTPUT_FILES | {OUTPUT_MARKER} or p.is_symlink() or not p.is_file() for p in entries):
+        return False
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    try:
+        return "medmtl_version" in json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _refuse_existing(item: InputItem, target: Path, overwrite: bool) -> None:
+    """Fail this input when its output folder exists and may not be replaced."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    shown = display_path(target)
+    if not is_medmtl_output(target):
+        raise MedmtlError(
+            f"{item.label}: {shown} exists and is not a medmtl output; it is left as it is "
+            "(choose another --output, or move it)"
         )
-        written.append(path.name)
-    return written
+    if not overwrite:
+        raise MedmtlError(f"{item.label}: {shown} holds an earlier result; pass --overwrite to replace it")
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to `target`, replacing an older result of the same input."""
+def _publish(item: InputItem, staging: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished staging folder to `target`, replacing only an earlier medmtl result (with `overwrite`)."""
+    _refuse_existing(item, target, overwrite)  # again: something may have appeared there while we computed
     old = None
-    if target.exists() or target.is_symlink():
-        if not target.is_dir() or target.is_symlink():
-            raise MedmtlError(f"{target}: exists and is not an output folder; refusing to replace it")
+    if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(staging, target)
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)  # fails on a folder that is not empty: nothing there is ever replaced
+    except OSError as err:
+        if old is not None:
+            os.rename(old, target)
+        raise MedmtlError(f"{item.label}: cannot move the outputs to {display_path(target)} ({err.strerror})") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -405,6 +505,7 @@ def process_input(
     formats: Sequence[str] = FORMATS,
     save_maps: bool = False,
     bundle: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Outcome:
     """Load, predict and write one input; a failure is returned as an `Outcome` with a reason, never raised.
 
@@ -415,9 +516,11 @@ def process_input(
         formats: output formats (`FORMATS`).
         save_maps: also write the probability and boundary maps.
         bundle: ``{"name", "version"}`` of the bundle, for the report and the DICOM SEG.
+        overwrite: replace an earlier medmtl output at ``OUT/<item.name>/`` (never anything else).
 
     Returns:
-        the outcome: output folder and file names, or the one-line reason naming the input.
+        the outcome: output folder and file names (and warnings for files that could not be written), or the
+        one-line reason naming the input.
     """
     bundle = dict(bundle or {})
     start = time.perf_counter()
@@ -428,6 +531,7 @@ def process_input(
             raise MedmtlError(
                 f"{item.label}: its output folder {target} would replace the input; choose another"
             )
+        _refuse_existing(item, target, overwrite)  # before the work, not after it
         t0 = time.perf_counter()
         image = _load(item, predictor)
         timings = {"load": time.perf_counter() - t0}
@@ -437,7 +541,7 @@ def process_input(
 
         t0 = time.perf_counter()
         staging.mkdir(parents=True)
-        files = _write_outputs(item, prediction, staging, formats, save_maps, bundle)
+        files, warnings = _write_outputs(item, prediction, staging, formats, save_maps, bundle)
         volumes = label_volumes_ml(prediction.label, prediction.affine, prediction.label_names)
         timings["write"] = time.perf_counter() - t0
         if "report" in formats:
@@ -451,20 +555,26 @@ def process_input(
                 "volumes_ml": volumes,
                 "class_probabilities": prediction.class_probabilities,
                 "timings_s": {k: round(v, 4) for k, v in timings.items()},
-                "warnings": prediction.warnings,
+                "warnings": prediction.warnings + warnings,
             }
-            files.append(write_report(report, staging / "report.json").name)
-        _publish(staging, target)
+            try:
+                files.append(write_report(report, staging / "report.json").name)
+            except MedmtlError as err:
+                warnings.append(f"report.json not written: {err}")
+        if not files:
+            raise MedmtlError("; ".join(warnings) or "no output format applies to this input")
+        (staging / OUTPUT_MARKER).write_text(f"medmtl {medmtl.__version__}\n", encoding="utf-8")
+        _publish(item, staging, target, overwrite)
         return Outcome(
-            item.label, item.name, target, files, seconds=time.perf_counter() - start, volumes_ml=volumes
-        )
+            item.label, item.name, target, files, seconds=time.perf_counter() - start, volumes_ml=volumes,
+            warnings=warnings,
+        )  # fmt: skip
     except MedmtlError as err:
         reason = str(err)
     except BaseException as err:  # one bad input must never stop the others (torch errors, out of memory, ...)
         if isinstance(err, NOT_DATA_ERRORS):  # Ctrl-C and exits stop the run; decoder panics do not
             raise
-        first = (str(err).strip().splitlines() or [""])[0]
-        reason = f"unexpected error ({type(err).__name__}: {first})"
+        reason = f"unexpected error ({type(err).__name__}: {_first_line(err)})"
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -496,6 +606,7 @@ def run_batch(
     bundle: Mapping[str, Any] | None = None,
     quiet: bool = False,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> BatchSummary:
     """Segment every input under INPUT and write one output folder per input under OUT.
 
@@ -511,14 +622,17 @@ def run_batch(
         quiet: print nothing but failures (on stderr).
         progress: progress bars over inputs and windows; default: when stderr is a terminal and not quiet.
             Sets ``predictor.progress``, and ``predictor.keep_maps`` to `save_maps` (maps cost memory).
+        overwrite: replace earlier medmtl outputs of the same inputs; anything else under OUT is never
+            replaced (that input fails instead).
 
     Returns:
         the summary; it has been printed (failures on stderr).
 
     Raises:
-        MedmtlError: when the run cannot start: no INPUT or OUT given, INPUT missing, OUT inside INPUT,
-            unknown formats or a bad series rule.
+        MedmtlError: when the run cannot start: no INPUT or OUT given, INPUT missing, OUT inside INPUT or
+            not writable, unknown formats or a bad series rule.
     """
+    printable_console()
     if input_path is None or str(input_path) == "":
         raise MedmtlError("no input given: pass INPUT to `medmtl infer` or --input_dir to the bundle")
     if output_dir is None or str(output_dir) == "":
@@ -538,13 +652,7 @@ def run_batch(
     summary = BatchSummary(input_path=input_path, output_dir=output_dir)
     items, problems = find_inputs(input_path, rule)
     summary.outcomes += [Outcome(str(input_path), reason=p) for p in problems]
-    if items:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise MedmtlError(
-                f"{output_dir}: cannot create the output folder ({err.strerror or err})"
-            ) from None
+    created = _prepare_output_dir(output_dir) if items else False
     bar = None
     if progress and items:
         from tqdm.auto import tqdm
@@ -554,12 +662,14 @@ def run_batch(
         _say(f"{len(items)} input(s) to segment; outputs go to {output_dir}", bar)
     try:
         for i, item in enumerate(items, start=1):
-            outcome = process_input(item, predictor, output_dir, fmt, save_maps, bundle)
+            outcome = process_input(item, predictor, output_dir, fmt, save_maps, bundle, overwrite)
             summary.outcomes.append(outcome)
             if not quiet:
                 if outcome.ok:
                     vols = ", ".join(f"{k} {v:.2f} mL" for k, v in outcome.volumes_ml.items())
                     _say(f"[{i}/{len(items)}] {item.name}: {vols} ({outcome.seconds:.1f} s)", bar)
+                    for warning in outcome.warnings:
+                        _say(f"[{i}/{len(items)}] warning: {item.name}: {warning}", bar, sys.stderr)
                 else:
                     _say(f"[{i}/{len(items)}] failed: {outcome.reason}", bar, sys.stderr)
             if bar is not None:
@@ -567,11 +677,33 @@ def run_batch(
     finally:
         if bar is not None:
             bar.close()
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # every input failed: leave no empty folder behind
     if not quiet:
         print(summary.format(), flush=True)
-    elif summary.failed:
-        print("\n".join(f"failed: {o.reason}" for o in summary.failed), file=sys.stderr, flush=True)
+    else:
+        lines = [f"warning: {o.name}: {w}" for o in summary.done for w in o.warnings]
+        lines += [f"failed: {o.reason}" for o in summary.failed]
+        if lines:
+            print("\n".join(lines), file=sys.stderr, flush=True)
     return summary
+
+
+def _prepare_output_dir(output_dir: Path) -> bool:
+    """Create OUT if needed and prove it writable before any input is computed; returns whether it was created."""
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        if created and output_dir.is_dir():
+            output_dir.rmdir()  # empty: it was made just now
+        raise MedmtlError(
+            f"{display_path(output_dir)}: cannot write in the output folder ({err.strerror or err}); "
+            "nothing was computed"
+        ) from None
+    return created
 
 
 def exit_on_failure(summary: BatchSummary) -> BatchSummary:
@@ -590,17 +722,6 @@ def exit_on_failure(summary: BatchSummary) -> BatchSummary:
 
 # ---------------------------------------------------------------------------------------------------------
 # the bundle's inference.yaml (for `medmtl infer`; `monai.bundle run` reads it itself)
-
-
-def _medmtl_cause(err: BaseException) -> MedmtlError | None:
-    """The MedmtlError that MONAI's config parser wrapped (in RuntimeErrors), if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, MedmtlError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _innermost(err: BaseException) -> BaseException:
@@ -668,7 +789,7 @@ def build_from_config(parser: Any) -> tuple[Predictor, dict[str, Any]]:
         try:
             out.append(parser.get_parsed_content(key))
         except Exception as err:  # MONAI wraps whatever the config raised in RuntimeErrors
-            cause = _medmtl_cause(err)
+            cause = medmtl_cause(err)
             if cause is not None:
                 raise cause from None
             inner = _innermost(err)

@@ -34,6 +34,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medmtl.data.pipelines import inference_transforms, validate_config
+from medmtl.data.plausibility import intensity_problem, spacing_problem
 from medmtl.engine.checkpoint import load_checkpoint, network_state
 from medmtl.engine.precision import cpu_bf16_supported
 from medmtl.errors import MedmtlError
@@ -298,11 +299,16 @@ class Predictor:
             or abs(np.linalg.det(affine[: len(spatial), : len(spatial)])) < 1e-12
         ):
             raise MedmtlError(f"{name}: the image's affine is degenerate (no voxel size or direction)")
+        # the rules check-data applies to training data (medmtl.data.plausibility)
+        implausible = spacing_problem(np.linalg.norm(affine[: len(spatial), : len(spatial)], axis=0))
+        if implausible:
+            raise MedmtlError(f"{name}: {implausible}; refusing to segment")
         # one pass over the voxels: NaN and infinities show in the minimum or maximum
         low, high = (float(v) for v in torch.aminmax(image.as_tensor()))
-        if not (np.isfinite(low) and np.isfinite(high)):
-            bad = int((~torch.isfinite(image.as_tensor())).sum())
-            raise MedmtlError(f"{name}: {bad} voxel(s) are NaN or infinite; refusing to segment")
+        bad = 0 if np.isfinite(low) and np.isfinite(high) else int((~torch.isfinite(image.as_tensor())).sum())
+        implausible = intensity_problem(low, high, bad)
+        if implausible:
+            raise MedmtlError(f"{name}: {implausible}; refusing to segment")
         if self.slice_axis is None:
             thin = [(axis, n) for axis, n in enumerate(spatial) if n < self.min_slices]
             if thin:

@@ -404,7 +404,7 @@ def _checked_sources(series: SeriesInfo) -> list[pydicom.Dataset]:
     sources = []
     for path in series.files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # sources may lack the preamble
         except Exception as err:  # pydicom raises many types for corrupt files; all mean "unreadable"
             reason = f"not a readable DICOM file ({type(err).__name__})"
             raise MedmtlError(f"{series.label}: {path}: {reason}") from None
