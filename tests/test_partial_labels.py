@@ -7,18 +7,24 @@ cases that have each target, and the phantom bundle training one epoch on a mixe
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import warnings
+from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
+from test_phantom_bundle import TINY, artifacts, run_bundle, runs_of
 
 from medmtl.cli import main as cli_main
+from medmtl.data.checks import check_dataset
 from medmtl.data.datalist import load_datalist
 from medmtl.data.pipelines import train_transforms, val_transforms
 from medmtl.data.sampling import MaskedShareSampler
@@ -230,3 +236,65 @@ def test_sampler_refuses_a_share_the_data_cannot_give():
         MaskedShareSampler(only_masked, 2, 1.5)
     assert len(list(MaskedShareSampler(only_masked, 2, 1.0))) == 4
 
+
+
+def _partial_dataset(root, cases: int, size: int, masked: int, drop_class: tuple[int, ...] = ()):
+    """A phantom set with `masked` masks; the cases in `drop_class` lose their class label."""
+    generate_dataset(root, cases=cases, size=size, masked=masked)
+    meta = json.loads((root / "dataset.json").read_text())
+    for index in drop_class:
+        del meta["training"][index]["class"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_check_data_counts_each_kind_of_target(tmp_path, capsys):
+    root = _partial_dataset(tmp_path / "ok", cases=6, size=16, masked=3, drop_class=(0,))
+    report = check_dataset(root)
+    assert report.ok
+    assert report.target_counts() == {(True, False): 1, (True, True): 2, (False, True): 3}
+    assert cli_main(["check-data", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "targets: 2 with a mask and a class label, 1 with a mask only, 3 with a class label only" in lines
+    assert lines[-1] == "6 cases checked, 0 with problems"
+
+    # a training case with neither target, and a class that is no class index, fail with one line each
+    bad = _partial_dataset(tmp_path / "bad", cases=4, size=16, masked=2, drop_class=(3,))
+    meta = json.loads((bad / "dataset.json").read_text())
+    meta["training"][2]["class"] = "yes"
+    (bad / "dataset.json").write_text(json.dumps(meta))
+    assert cli_main(["check-data", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL phantom_002" in out and "'class' must be an integer >= 0 (or -1 for none), got 'yes'" in out
+    assert "FAIL phantom_003" in out and "neither a 'label' file nor a 'class' listed in dataset.json" in out
+
+
+def test_fully_labelled_report_is_unchanged(tmp_path):
+    generate_dataset(tmp_path / "full", cases=2, size=16)
+    assert not any(line.startswith("targets:") for line in check_dataset(tmp_path / "full").format().splitlines())
+
+
+def test_bundle_trains_one_epoch_on_a_mixed_dataset(tmp_path):
+    # 8 cases: 0-3 masked (case 1 without a class label), 4-7 with a class label only
+    data = _partial_dataset(tmp_path / "data", cases=8, size=32, masked=4, drop_class=(1,))
+    out = tmp_path / "run"
+    proc = run_bundle("training", ["train.yaml"], "--max_epochs", "1", "--output_dir", str(out),
+                      "--dataset_dir", str(data), "--masked_share", "0.5", *TINY)
+    assert "Traceback" not in proc.stderr
+    (run,) = runs_of(out)
+    metrics = run.data.metrics
+    for key in ("train/loss_seg", "train/loss_cls", "train/loss_boundary", "train/loss"):
+        assert math.isfinite(metrics[key]), key
+    assert run.data.params["masked_share"] == "0.5"
+    # fold 0 of 2 validates 4 cases: Dice over those with a mask, the AUC over those with a class label
+    client = MlflowClient(f"sqlite:///{out / 'eval' / 'mlruns.db'}")
+    table = Path(client.download_artifacts(run.info.run_id, "validation/cases_epoch_001.csv", str(tmp_path)))
+    rows = list(csv.DictReader(table.open()))
+    without_mask = [r for r in rows if r.get("has_mask") == "0"]
+    with_mask = [r for r in rows if r.get("has_mask") != "0"]
+    assert len(rows) == 4 and without_mask and with_mask
+    assert all(r["dice_organ"] == "nan" for r in without_mask)
+    assert all(math.isfinite(float(r["dice_organ"])) for r in with_mask)
+    assert metrics["val/dice_organ"] == pytest.approx(np.mean([float(r["dice_organ"]) for r in with_mask]))
+    overlays = artifacts(out, run.info.run_id, "overlays")  # pictures of the worst cases that have a mask
+    assert overlays and not any(r["case_id"] in name for name in overlays for r in without_mask)

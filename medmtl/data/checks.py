@@ -65,6 +65,8 @@ class CaseReport:
     warnings: list[str] = field(default_factory=list)
     spatial_dims: int | None = None  # of the first image, when readable
     channels: int | None = None
+    has_mask: bool = False  # lists a label file (partially labelled data: not every case has one)
+    has_class: bool = False  # lists a case-level "class"
 
     @property
     def ok(self) -> bool:
@@ -111,6 +113,12 @@ class DatasetReport:
         """The printable report: dataset-level lines, one line per case, then a summary line."""
         lines = [f"FAIL {p}" for p in self.problems] + [f"WARN {w}" for w in self.warnings]
         lines += [case.format() for case in self.cases]
+        targets = self.target_counts()
+        partial = len(targets) > 1 or any(not mask for mask, _ in targets)
+        if self.section != "test" and partial:  # partially labelled training data: say how
+            kinds = {(True, True): "with a mask and a class label", (True, False): "with a mask only",
+                     (False, True): "with a class label only", (False, False): "with neither"}
+            lines.append("targets: " + ", ".join(f"{targets[k]} {kinds[k]}" for k in kinds if k in targets))
         failed = sum(not case.ok for case in self.cases)
         warned = sum(bool(case.warnings) for case in self.cases)
         summary = f"{len(self.cases)} cases checked, {failed} with problems"
@@ -121,6 +129,10 @@ class DatasetReport:
         lines.append(summary)
         return "\n".join(lines)
 
+    def target_counts(self) -> dict[tuple[bool, bool], int]:
+        """How many cases have each kind of target: ``{(has_mask, has_class): count}``, kinds present only."""
+        return dict(Counter((case.has_mask, case.has_class) for case in self.cases))
+
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
@@ -130,6 +142,12 @@ def _names(values: Iterable, limit: int = MAX_LISTED) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def _is_class_index(value: object) -> bool:
+    """A case-level class as `ClassTargetd` reads it: an integer (a float holding one) >= -1 (-1: none)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and float(value).is_integer() and value >= -1
 
 
 def _value_set(values: Sequence) -> str:
@@ -263,8 +281,16 @@ class _CaseChecker:
             image=", ".join(self.rel(p) for p in images),
             label=self.rel(label_path) if label_path else None,
         )
-        if label_path is None and (self.require_label or "label" in entry):
+        case.has_mask = label_path is not None
+        value = entry.get("class")
+        if value is not None and not _is_class_index(value):
+            case.problems.append(f"{case.image}: 'class' must be an integer >= 0 (or -1 for none), got {value!r}")
+        case.has_class = value is not None and _is_class_index(value) and value >= 0
+        if label_path is None and "label" in entry:
             case.problems.append(f"{case.image}: no single 'label' file listed in {DATASET_JSON}")
+        elif label_path is None and self.require_label and not case.has_class:
+            # partially labelled data: a training case needs a mask, a case label or both
+            case.problems.append(f"{case.image}: neither a 'label' file nor a 'class' listed in {DATASET_JSON}")
 
         label_img = self.load(label_path, case) if label_path else None
         spatial = _spatial_ndim(label_img.shape) if label_img is not None else None
