@@ -102,8 +102,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set or [])
     # the options below win over --set: they are the documented way to say these things
     overrides.update(input_dir=str(args.input), output_dir=str(args.output))
-    if args.model is not None:
-        overrides["ckpt_file"] = str(args.model)
+    if args.model:
+        # several checkpoints (e.g. the folds of a cross-validation) are averaged as an ensemble
+        overrides["ckpt_file"] = str(args.model[0]) if len(args.model) == 1 else [str(m) for m in args.model]
     if args.overlap is not None:
         overrides["overlap"] = args.overlap
     if args.tta:
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="NIfTI file, folder of NIfTI files, DICOM series or export tree")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (with configs/inference.yaml)")
-    p.add_argument("--model", type=Path, help="checkpoint (default: BUNDLE/models/model.pt)")
+    p.add_argument("--model", type=Path, nargs="+", metavar="CKPT",
+                   help="checkpoint (default: BUNDLE/models/model.pt); several (e.g. 5 folds) make an ensemble")
     p.add_argument("--output", type=Path, required=True, help="output folder (outside INPUT)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (bundle default 0.5)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower for 3D)")

@@ -292,5 +292,36 @@ def test_argmax_matches_torch_including_ties():
 def test_absurd_voxel_size_is_refused_before_resampling():
     p = predictor(pipeline=pipeline(spacing=[1.0, 1.0, 1.0]))
     image = MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.diag(torch.tensor([500.0, 500.0, 500.0, 1.0])))
+    with pytest.raises(MedmtlError, match=r"^bogus.nii.gz: spacing 500x500x500 mm outside 0.05..20 mm"):
+        p.predict(image, name="bogus.nii.gz")
+    # a plausible spacing can still ask for a gigantic resampled volume: refused as well
+    p = predictor(pipeline=pipeline(spacing=[0.01, 0.01, 0.01]))
+    image = MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.diag(torch.tensor([20.0, 20.0, 20.0, 1.0])))
     with pytest.raises(MedmtlError, match="would make .* voxels .* check the voxel size"):
         p.predict(image, name="bogus.nii.gz")
+
+
+class ScaledThresholdNet(ThresholdNet):
+    """ThresholdNet whose logit slope is a weight, so checkpoints of it differ."""
+
+    def __init__(self, k: float = 4.0) -> None:
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k))
+
+
+def test_an_ensemble_averages_the_members_probabilities(tmp_path: Path):
+    paths = []
+    for k in (1.0, 8.0):
+        paths.append(tmp_path / f"k{k:g}.pt")
+        torch.save(ScaledThresholdNet(k).state_dict(), paths[-1])
+    image = MetaTensor(torch.rand(20, 20, 20) * 2, affine=torch.eye(4))
+    members = [predictor(ScaledThresholdNet(), ckpt_file=p).predict(image.clone()) for p in paths]
+    ensemble = predictor(ScaledThresholdNet(), ckpt_file=paths)
+    both = ensemble.predict(image.clone())
+    mean = (members[0].probabilities + members[1].probabilities) / 2
+    np.testing.assert_allclose(both.probabilities, mean, atol=1e-5)
+    np.testing.assert_array_equal(both.label, np.argmax(mean, axis=0))
+    for name, p in both.class_probabilities.items():
+        assert p == pytest.approx((members[0].class_probabilities[name] + members[1].class_probabilities[name]) / 2)
+    assert ensemble.settings()["checkpoint"] == [str(p) for p in paths]
+    assert not np.allclose(members[0].probabilities, members[1].probabilities)  # the members really differ

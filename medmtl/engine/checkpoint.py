@@ -27,7 +27,7 @@ import random
 import re
 import tempfile
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,7 +406,9 @@ def _checked(path: Path, network: torch.nn.Module | None, need: tuple[str, ...] 
     return state
 
 
-def require_checkpoint(path: Path | str, network: torch.nn.Module | None = None) -> str:
+def require_checkpoint(
+    path: Path | str | Sequence[Path | str], network: torch.nn.Module | None = None
+) -> str | list[str]:
     """Check a checkpoint a bundle is about to load; stop the run with one short message if it cannot be used.
 
     For a config's `CheckpointLoader` (`load_path: "$medmtl.engine.checkpoint.require_checkpoint(@ckpt_file,
@@ -414,21 +416,24 @@ def require_checkpoint(path: Path | str, network: torch.nn.Module | None = None)
     instead of a traceback from inside the engine.
 
     Args:
-        path: the checkpoint: a bare network state dict (`model.pt`) or a full one with a "network" entry.
+        path: the checkpoint: a bare network state dict (`model.pt`) or a full one with a "network" entry;
+            or a list of them (an ensemble), each checked.
         network: when given, every weight of the checkpoint must fit it (same keys and shapes).
 
     Returns:
-        the path, as a string.
+        the path as a string (a list of strings for a list).
 
     Raises:
         SystemExit: the file is missing, truncated, refused by weights-only loading (it would run code),
             or does not fit the network.
     """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     try:
-        _checked(Path(path), network)
+        for one in paths:
+            _checked(Path(one), network)
     except MedmtlError as err:
         raise SystemExit(f"error: {err}") from None
-    return str(path)
+    return str(path) if isinstance(path, (str, os.PathLike)) else [str(p) for p in paths]
 
 
 def resume_from(

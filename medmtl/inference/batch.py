@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 import medmtl
@@ -353,8 +354,6 @@ def _load(item: InputItem, predictor: Predictor) -> Any:
         # a 3D model needs a volume: refuse a series with too few slices before reading its pixels
         min_slices = predictor.min_slices if predictor.slice_axis is None and predictor.data_dims == 3 else 1
         return load_series(item.series, min_slices=min_slices)
-    import nibabel as nib
-
     # the header first, with nibabel alone: LoadImage would try every other reader on a broken file and
     # report the last one's complaint (a DICOM error for a .nii.gz), and would cast complex data to real
     try:

@@ -21,6 +21,7 @@ Output voxel (i, j, k) of every map is input voxel (i, j, k); the affine is the 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -138,7 +139,9 @@ class Predictor:
         pipeline: the bundle's pipeline config (as in train.yaml); sets the preprocessing, the window
             (``patch_size``), ``slice_axis`` for 2D networks and ``cls_mode`` for the class probabilities.
         ckpt_file: weights to load (a ``model.pt`` state dict or a ``last.pt`` with a "network" entry),
-            loaded weights-only; None keeps the network's current weights.
+            loaded weights-only; None keeps the network's current weights. A list of checkpoints (e.g. the
+            five cross-validation folds) makes an ensemble, nnU-Net's way: the softmax probabilities, boundary
+            maps and class probabilities of every model (and every TTA pass) are averaged before the argmax.
         label_names: names of the labels, {index: name} (string keys accepted, background may be included).
         class_names: names of the case classes for ``cls_mode`` "case" (default ``class_0``, ...).
         in_channels: image channels the network expects.
@@ -159,7 +162,7 @@ class Predictor:
         self,
         network: torch.nn.Module,
         pipeline: Mapping[str, Any],
-        ckpt_file: str | Path | None = None,
+        ckpt_file: str | Path | Sequence[str | Path] | None = None,
         label_names: Mapping[Any, str] | None = None,
         class_names: Sequence[str] | None = None,
         in_channels: int = 1,
@@ -195,12 +198,18 @@ class Predictor:
         self.cpu_bf16 = bool(cpu_bf16) and self.device.type == "cpu"
         self.label_names = self._label_names(label_names)
         self.class_names = list(class_names) if class_names is not None else None
-        self.ckpt_file = str(ckpt_file) if ckpt_file is not None else None
+        files = [] if ckpt_file is None else [ckpt_file] if isinstance(ckpt_file, (str, Path)) else list(ckpt_file)
+        if ckpt_file is not None and not files:
+            raise MedmtlError("ckpt_file: an empty list of checkpoints")
+        self.ckpt_file = (str(files[0]) if len(files) == 1 else [str(f) for f in files]) if files else None
 
         self.network = network
-        if ckpt_file is not None:
-            self._load_weights(network, Path(ckpt_file))
-        self.network.to(self.device).eval()
+        # one network per checkpoint: copies of the configured one, so every member has the same architecture
+        self.networks = [network] + [copy.deepcopy(network) for _ in files[1:]]
+        for member, path in zip(self.networks, files, strict=False):
+            self._load_weights(member, Path(path))
+        for member in self.networks:
+            member.to(self.device).eval()
 
         self.transforms = inference_transforms(self.pipeline, keys=("image",), load=False)
         # bilinear for the probabilities as well: they are resampled, and the argmax is taken afterwards
@@ -337,13 +346,14 @@ class Predictor:
     def _forward_passes(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Probabilities, boundary maps and class probabilities averaged over the TTA passes."""
+        """Probabilities, boundary maps and class probabilities averaged over the models and TTA passes."""
         combos = mirror_axes_combinations(self.mirror_axes()) if self.tta else [()]
+        passes = [(network, axes) for network in self.networks for axes in combos]
         probs = boundary = cls = None
-        for axes in combos:
+        for network, axes in passes:
             dims = [a + 2 for a in axes]  # batch and channel first
             inp = torch.flip(x, dims) if dims else x
-            out = self.inferer(inp, self.network)
+            out = self.inferer(inp, network)
             seg = torch.softmax(out["seg"].float(), dim=1)
             seg = torch.flip(seg, dims) if dims else seg
             probs = seg if probs is None else probs.add_(seg)
@@ -355,8 +365,8 @@ class Predictor:
                 logits = out["cls"].float()
                 p = torch.sigmoid(logits) if self.cls_mode == "presence" else torch.softmax(logits, dim=1)
                 cls = p if cls is None else cls.add_(p)
-        if len(combos) > 1:  # in place: the maps are as large as the volume
-            n = float(len(combos))
+        if len(passes) > 1:  # in place: the maps are as large as the volume
+            n = float(len(passes))
             probs.div_(n)
             boundary = boundary.div_(n) if boundary is not None else None
             cls = cls.div_(n) if cls is not None else None
