@@ -197,7 +197,7 @@ def test_kfold_errors():
     items = _items(4)
     with pytest.raises(MedmtlError, match="n_folds must be at least 2"):
         kfold_split(items, n_folds=1)
-    with pytest.raises(MedmtlError, match=r"fold must be in 0\.\.3, got 4"):
+    with pytest.raises(MedmtlError, match=r"fold must be in 0\.\.3 or 'all', got 4"):
         kfold_split(items, n_folds=4, fold=4)
     with pytest.raises(MedmtlError, match="cannot split 4 cases into 5 folds"):
         kfold_split(items, n_folds=5)
@@ -225,3 +225,11 @@ def test_json_written_is_plain_msd(tmp_path):
     text = (tmp_path / "dataset.json").read_text()
     assert json.loads(text)["training"][0]["image"] == "./imagesTr/case_000.nii.gz"
     assert text.endswith("}\n")
+
+
+def test_fold_all_trains_on_every_case_and_validates_on_none():
+    items = _items(4)
+    train, val = kfold_split(list(reversed(items)), n_folds=5, fold="all")
+    assert val == [] and [t["image"] for t in train] == sorted(t["image"] for t in items)
+    with pytest.raises(MedmtlError, match="fold 'all': the datalist has no cases"):
+        kfold_split([], fold="all")

@@ -223,8 +223,15 @@ def label_names(meta: dict) -> dict[int, str]:
     return dict(sorted(names.items()))
 
 
+def _case_id(item: dict) -> str:
+    if "case_id" in item:
+        return str(item["case_id"])
+    image = item["image"]
+    return case_id_from_path(image[0] if isinstance(image, list) else image)
+
+
 def kfold_split(
-    items: Sequence[dict], n_folds: int = 5, fold: int = 0, seed: int = 0
+    items: Sequence[dict], n_folds: int = 5, fold: int | str = 0, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
     """Split a datalist into the training and validation cases of one cross-validation fold.
 
@@ -235,7 +242,8 @@ def kfold_split(
     Args:
         items: datalist entries (from `load_datalist`); `case_id` is derived from `image` where absent.
         n_folds: number of folds (at least 2).
-        fold: which fold to return, `0 <= fold < n_folds`.
+        fold: which fold to return, `0 <= fold < n_folds`; ``"all"`` trains on every case and validates on
+            none (nnU-Net's final model, trained once the folds have chosen the settings).
         seed: shuffle seed.
 
     Returns:
@@ -244,27 +252,25 @@ def kfold_split(
     Raises:
         MedmtlError: bad `n_folds`/`fold`, fewer cases than folds, or duplicate case ids.
     """
+    if str(fold) == "all":
+        if not items:
+            raise MedmtlError("fold 'all': the datalist has no cases")
+        return sorted(items, key=_case_id), []
     if n_folds < 2:
         raise MedmtlError(f"n_folds must be at least 2, got {n_folds}")
-    if not 0 <= fold < n_folds:
-        raise MedmtlError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+    if not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise MedmtlError(f"fold must be in 0..{n_folds - 1} or 'all', got {fold!r}")
     if len(items) < n_folds:
         remedy = f"pass --num_folds N with 2 <= N <= {len(items)}" if len(items) >= 2 else "at least 2 are needed"
         raise MedmtlError(f"cannot split {len(items)} cases into {n_folds} folds; add cases or {remedy}")
 
-    def case_id(item: dict) -> str:
-        if "case_id" in item:
-            return str(item["case_id"])
-        image = item["image"]
-        return case_id_from_path(image[0] if isinstance(image, list) else image)
-
-    ordered = sorted(items, key=case_id)
-    ids = [case_id(item) for item in ordered]
+    ordered = sorted(items, key=_case_id)
+    ids = [_case_id(item) for item in ordered]
     duplicates = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
     if duplicates:
         # a case listed twice could land in both train and val
         raise MedmtlError(f"duplicate case ids in the datalist: {', '.join(duplicates[:5])}")
     parts = partition_dataset(ordered, num_partitions=n_folds, shuffle=True, seed=seed, even_divisible=False)
-    val = sorted(parts[fold], key=case_id)
-    train = sorted((item for i, part in enumerate(parts) if i != fold for item in part), key=case_id)
+    val = sorted(parts[fold], key=_case_id)
+    train = sorted((item for i, part in enumerate(parts) if i != fold for item in part), key=_case_id)
     return train, val
