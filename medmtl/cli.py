@@ -64,6 +64,8 @@ def _cmd_series(args: argparse.Namespace) -> int:
     from medmtl.data.dicom import discover_series, format_series_table, select_series
 
     series = discover_series(args.folder)
+    if not series:  # a script must be able to tell "nothing there" from a listing
+        raise MedmtlError(f"{args.folder}: no DICOM image series found (no file under it is a readable DICOM image)")
     rule = _series_rule(args)
     selected = select_series(series, rule) if rule.is_set() else []
     print(format_series_table(series, selected=selected))

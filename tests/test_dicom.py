@@ -369,6 +369,13 @@ def test_cli_series_no_match_and_errors(export, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing: folder not found" in err and "Traceback" not in err
 
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here\n")
+    assert main(["series", str(tmp_path / "empty")]) == 2  # scripts can tell "nothing found" from a listing
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert f"{tmp_path / 'empty'}: no DICOM image series found" in captured.err
+
     assert main(["series", str(export), "--description", "[t1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medmtl series: error: --description '[t1': invalid regular expression")
