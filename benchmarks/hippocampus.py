@@ -1,8 +1,23 @@
-"""Hippocampus benchmark: multi-task variants against single-task, each trained within the same time budget.
+"""Hippocampus benchmark: the bundle's variants and the plain MONAI UNet peer, each trained within the same budget.
 
     python benchmarks/hippocampus.py --dataset-dir ../shared/datasets/Task04_Hippocampus --budget-min 30 \
-        [--variants seg,seg_boundary,seg_cls,all,all_uncertainty] [--output-dir DIR] [--study ../shared/dicom/Study1]
+        [--variants monai_unet,seg,seg_boundary,seg_cls,all,all_uncertainty] [--output-dir DIR]
+        [--study ../shared/dicom/Study1]
         [--epochs N]   # instead of the budget: every variant trains N epochs (equal steps, not equal time)
+        [--budget-clock cpu]   # count process CPU time per thread instead of wall time (a shared machine)
+        [--seeds 0,1]  # training seeds (the split stays fold F of seed 0); each variant runs once per seed
+        [--step-cost-only]  # only the interleaved step-cost measurement
+    python benchmarks/hippocampus.py --merge a.json b.json [c.json]  # one document from runs made separately
+
+`--merge` reads documents this benchmark printed (same fold, epochs or budget) and prints one document with all
+their runs, the comparison and the targets: arms can then run as parallel invocations on a shared machine (each
+at equal epochs, or with `--budget-clock cpu`), and the step cost can be measured in its own invocation.
+
+`monai_unet` is the peer of issue 13 (`benchmarks/monai_unet_peer.py`): MONAI's tutorial UNet with DiceCELoss,
+AdamW 3e-3 constant, batch 4, trained by MONAI's SupervisedTrainer on the same fold and budget, and scored by
+the bundle's own `evaluate.yaml` on its final weights (same validation cases, same Gaussian sliding window,
+same metric code). The document's `vs_monai_unet` gives the default's Dice difference to it and the cost per
+training sample of both (interleaved in one process, and as measured in the runs).
 
 Every variant trains `bundles/hippocampus_mtl` from scratch with the same seed, split (fold 0 of 5: 160 training
 and 40 validation cases, seed 0) and wall-clock budget (`--time_budget_min`: training stops at the last epoch
@@ -31,7 +46,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
+from medmtl.data.datalist import kfold_split, load_datalist
 from medmtl.engine.checkpoint import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monai_unet_peer import PEER_NAME, PEER_NETWORK_EXPR, build_peer_trainer, peer_patch_size  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "hippocampus_mtl" / "configs"
@@ -43,12 +62,17 @@ VARIANTS = {
     "all_uncertainty": ["--heads", "['seg','cls','boundary']", "--loss_args#weighting", "uncertainty"],
 }
 DEFAULT_VARIANT = "all"
+PEER_BATCH = 4
 
 
 def _bundle(run_id: str, configs: list[Path], args: list[str], log: Path) -> tuple[float, int]:
     """Run a bundle command; returns (seconds, peak resident memory in MiB of that process)."""
     config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args]
+    return _run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args], log)
+
+
+def _run(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run a command, output to `log`; returns (seconds, peak resident memory in MiB of that process)."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -64,13 +88,24 @@ def _metric_mean(client: MlflowClient, run_id: str, key: str) -> float | None:
     return sum(m.value for m in history) / len(history) if history else None
 
 
+def _seed_args(seed: int) -> list[str]:
+    """Training seed overrides that keep the split of seed 0 (the bundle's split follows @seed otherwise)."""
+    args = ["--seed", str(seed)]
+    if seed:
+        args += ["--data#split",
+                 "$medmtl.data.datalist.kfold_split(@data#all, n_folds=@num_folds, fold=@fold, seed=0)"]
+    return args
+
+
 def run_variant(name: str, dataset_dir: Path, out: Path, budget_min: float, extra: list[str], fold: int = 0,
-                epochs: int | None = None) -> dict:
+                epochs: int | None = None, seed: int = 0, clock: str = "wall") -> dict:
     """Train one variant within `budget_min` minutes (or for exactly `epochs` epochs), evaluate it, return figures."""
+    if name == PEER_NAME:
+        return run_peer(dataset_dir, out, budget_min, fold, epochs, seed, clock)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--dataset_dir", str(dataset_dir), "--output_dir", str(out), "--seed", "0", "--fold", str(fold),
+    common = ["--dataset_dir", str(dataset_dir), "--output_dir", str(out), *_seed_args(seed), "--fold", str(fold),
               *VARIANTS[name], *extra]
-    budget = ["--time_budget_min", str(budget_min), "--max_epochs", "100000"]
+    budget = ["--time_budget_min", str(budget_min), "--time_budget_clock", clock, "--max_epochs", "100000"]
     # no validation while training: the held-out cases are scored once, at the end
     train = (["--max_epochs", str(epochs)] if epochs else budget) + ["--val_interval", "100000"]
     train_s, train_mib = _bundle("training", [CONFIGS / "train.yaml"], common + train, out / "train.out")
@@ -85,6 +120,7 @@ def run_variant(name: str, dataset_dir: Path, out: Path, budget_min: float, extr
     metrics = report["metrics"]
     return {
         "variant": name,
+        "seed": seed,
         "args": VARIANTS[name],
         **{k: metrics.get(k) for k in sorted(metrics) if k.startswith("val/")},
         "epochs": state["iteration"] // state["epoch_length"],
@@ -92,6 +128,41 @@ def run_variant(name: str, dataset_dir: Path, out: Path, budget_min: float, extr
         "train_wall_seconds": round(train_s, 1),
         "sec_per_iter": _metric_mean(client, run.info.run_id, "train/sec_per_iter"),
         "data_wait_fraction": _metric_mean(client, run.info.run_id, "train/data_wait_fraction"),
+        "inference_seconds_per_case": report.get("seconds_per_case"),
+        "peak_memory_mib": {"training": train_mib, "evaluation": eval_mib},
+        "validation_cases": len(report["cases"]),
+        "output_dir": str(out),
+    }
+
+
+def run_peer(dataset_dir: Path, out: Path, budget_min: float, fold: int = 0, epochs: int | None = None,
+             seed: int = 0, clock: str = "wall") -> dict:
+    """Train the plain MONAI UNet peer (its own process) and score its final weights with the bundle's evaluation."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "monai_unet_peer.py"), "--dataset-dir",
+           str(dataset_dir), "--output-dir", str(out), "--fold", str(fold), "--seed", str(seed),
+           "--budget-min", str(budget_min), "--budget-clock", clock, *(["--epochs", str(epochs)] if epochs else [])]
+    train_s, train_mib = _run(cmd, out / "train.out")
+    summary = json.loads((out / "train_summary.json").read_text())
+    last = out / "models" / "last.pt"
+    # the bundle's evaluation with the peer's network: same cases, sliding window (roi = its patch) and metrics
+    evaluate = ["--dataset_dir", str(dataset_dir), "--output_dir", str(out), *_seed_args(seed), "--fold", str(fold),
+                "--heads", "['seg']", "--network_def", PEER_NETWORK_EXPR, "--pipeline#patch_size",
+                str(summary["patch_size"]), "--ckpt_file", str(last)]
+    eval_s, eval_mib = _bundle("evaluating", [CONFIGS / "train.yaml", CONFIGS / "evaluate.yaml"], evaluate,
+                               out / "evaluate.out")
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = report["metrics"]
+    return {
+        "variant": PEER_NAME,
+        "seed": seed,
+        "args": summary["settings"],
+        **{k: metrics.get(k) for k in sorted(metrics) if k.startswith("val/")},
+        "epochs": summary["epochs"],
+        "iterations": summary["iterations"],
+        "train_wall_seconds": round(train_s, 1),
+        "sec_per_iter": summary["sec_per_iter"],
+        "data_wait_fraction": summary["data_wait_fraction"],
         "inference_seconds_per_case": report.get("seconds_per_case"),
         "peak_memory_mib": {"training": train_mib, "evaluation": eval_mib},
         "validation_cases": len(report["cases"]),
@@ -110,7 +181,15 @@ def measure_step_cost(dataset_dir: Path, fold: int, names: list[str], extra: lis
     """
     overrides = dict(zip(extra[::2], extra[1::2], strict=True))  # "--key value" pairs from the command line
     trainers = {}
+    batch: dict[str, int] = {}
     for name in names:
+        if name == PEER_NAME:
+            items = load_datalist(dataset_dir)
+            train_items = kfold_split(items, n_folds=5, fold=fold, seed=0)[0][:16]
+            trainers[name] = build_peer_trainer(train_items, peer_patch_size(items), 1, None,
+                                                batch_size=PEER_BATCH, epoch_length=iterations)[0]
+            batch[name] = PEER_BATCH
+            continue
         parser = ConfigParser()
         parser.read_config(str(CONFIGS / "train.yaml"))
         args = dict(zip(VARIANTS[name][::2], VARIANTS[name][1::2], strict=True)) | overrides
@@ -124,6 +203,7 @@ def measure_step_cost(dataset_dir: Path, fold: int, names: list[str], extra: lis
             "train#trainer#epoch_length": iterations,
         })
         trainers[name] = parser.get_parsed_content("train#trainer")
+        batch[name] = int(parser.get_parsed_content("batch_size"))
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
         for name, trainer in trainers.items():
@@ -131,11 +211,18 @@ def measure_step_cost(dataset_dir: Path, fold: int, names: list[str], extra: lis
             if round_:  # round 0 warms up (oneDNN kernels, caches)
                 seconds[name].append(trainer.state.metrics["train/sec_per_iter"])
     median = {name: statistics.median(values) for name, values in seconds.items()}
+    per_sample = {name: v / batch[name] for name, v in median.items()}
     base = median.get("seg")
+    peer = per_sample.get(PEER_NAME)
     return {
         "method": f"interleaved in one process: {rounds} rounds of {iterations} iterations per variant, median",
+        "batch_size": batch,
         "sec_per_iter": {name: round(v, 4) for name, v in median.items()},
-        "ratio_to_seg": {name: round(v / base, 3) for name, v in median.items()} if base else None,
+        "sec_per_sample": {name: round(v, 4) for name, v in per_sample.items()},
+        "ratio_to_seg": {name: round(v / base, 3) for name, v in median.items() if name != PEER_NAME} if base
+        else None,
+        "ratio_to_monai_unet_per_sample": {name: round(v / peer, 3) for name, v in per_sample.items()} if peer
+        else None,
     }
 
 
@@ -154,6 +241,16 @@ def check_targets(results: list[dict], step_cost: dict | None) -> dict:
             "met": default["val/mean_dice"] > single["val/mean_dice"]
             and default["val/mean_hd95_mm"] < single["val/mean_hd95_mm"],
         }
+    peer = by_name.get(PEER_NAME)
+    if default and peer:
+        diff = default["val/mean_dice"] - peer["val/mean_dice"]
+        targets["default_mean_dice_at_least_monai_unet_plus_0.01"] = {
+            "mean_dice": [default["val/mean_dice"], peer["val/mean_dice"]], "difference": round(diff, 4),
+            "met": diff >= 0.01,
+        }
+    peer_ratio = ((step_cost or {}).get("ratio_to_monai_unet_per_sample") or {}).get(DEFAULT_VARIANT)
+    if peer_ratio is not None:
+        targets["default_cost_per_sample_at_most_1.5x_monai_unet"] = {"value": peer_ratio, "met": peer_ratio <= 1.5}
     ratios = (step_cost or {}).get("ratio_to_seg") or {}
     if len(ratios) > 1:
         worst = max(v for k, v in ratios.items() if k != "seg")
@@ -188,12 +285,99 @@ def infer_study(study: Path, model: Path, out: Path) -> dict:
     }
 
 
+def _bundle_batch_size(extra: list[str]) -> int:
+    """The bundle's training batch size, with the command line's overrides."""
+    overrides = dict(zip(extra[::2], extra[1::2], strict=True))
+    if "--batch_size" in overrides:
+        return int(overrides["--batch_size"])
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    return int(parser["batch_size"])
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per variant: figures averaged over its seeds, with the per-seed mean Dice and their spread."""
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+        dice = [r["val/mean_dice"] for r in runs]
+        row = {"variant": name, "seeds": [r["seed"] for r in runs], "mean_dice_per_seed": dice,
+               "mean_dice_spread": round(max(dice) - min(dice), 4), "epochs": [r["epochs"] for r in runs]}
+        for key in ("val/mean_dice", "val/mean_hd95_mm", "sec_per_iter"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.mean(values) if values else None
+        waits = [r["data_wait_fraction"] for r in runs if r["data_wait_fraction"] is not None]
+        row["data_wait_fraction"] = max(waits) if waits else None
+        rows.append(row)
+    return rows
+
+
+def compare_to_peer(rows: list[dict], step_cost: dict | None, batch_size: int) -> dict | None:
+    """The default against the MONAI UNet peer: Dice difference (seed means) and cost per training sample."""
+    by_name = {r["variant"]: r for r in rows}
+    default, peer = by_name.get(DEFAULT_VARIANT), by_name.get(PEER_NAME)
+    if not (default and peer):
+        return None
+    in_runs = {DEFAULT_VARIANT: default["sec_per_iter"] / batch_size, PEER_NAME: peer["sec_per_iter"] / PEER_BATCH}
+    interleaved = (step_cost or {}).get("sec_per_sample") or {}
+    return {
+        "mean_dice": {DEFAULT_VARIANT: default["val/mean_dice"], PEER_NAME: peer["val/mean_dice"]},
+        "dice_difference": round(default["val/mean_dice"] - peer["val/mean_dice"], 4),
+        "dice_spread_over_seeds": {DEFAULT_VARIANT: default["mean_dice_spread"], PEER_NAME: peer["mean_dice_spread"]},
+        "epochs": {DEFAULT_VARIANT: default["epochs"], PEER_NAME: peer["epochs"]},
+        "sec_per_sample_in_runs": {k: round(v, 4) for k, v in in_runs.items()},
+        "sec_per_sample_ratio_in_runs": round(in_runs[DEFAULT_VARIANT] / in_runs[PEER_NAME], 3),
+        "sec_per_sample_ratio_interleaved": (step_cost or {}).get("ratio_to_monai_unet_per_sample", {}).get(
+            DEFAULT_VARIANT) if DEFAULT_VARIANT in interleaved else None,
+    }
+
+
+def merge_documents(documents: list[dict]) -> dict:
+    """One document from several of this benchmark's documents: their runs together, compared and judged anew.
+
+    Args:
+        documents: printed documents; those with runs must share fold, epochs, budget and clock. The step cost is
+            taken from the last document that has one (a `--step-cost-only` invocation, typically).
+
+    Raises:
+        SystemExit: the runs were made under different conditions.
+    """
+    with_runs = [d for d in documents if d["variants"]]
+    conditions = {(d["split"], d["epochs"], d["budget_minutes"], d.get("budget_clock")) for d in with_runs}
+    if len(conditions) > 1:
+        sys.exit(f"cannot merge runs made under different conditions: {sorted(map(str, conditions))}")
+    step_cost = next((d["step_cost"] for d in reversed(documents) if d.get("step_cost")), None)
+    results = [r for d in with_runs for r in d["variants"]]
+    rows = summarize(results)
+    batch_size = next((d.get("bundle_batch_size") for d in with_runs
+                       if any(r["variant"] != PEER_NAME for r in d["variants"])), None)
+    base = with_runs[0]
+    return {
+        **{k: base[k] for k in ("benchmark", "dataset_dir", "split", "budget_minutes", "budget_clock", "epochs")},
+        "merged_from": [{"overrides": d.get("overrides"), "variants": [r["variant"] for r in d["variants"]],
+                         "date": d["date"]} for d in documents],
+        "seeds": sorted({r["seed"] for r in results}),
+        "variants": results,
+        "summary": rows,
+        "bundle_batch_size": batch_size,
+        "vs_monai_unet": compare_to_peer(rows, step_cost, batch_size) if batch_size else None,
+        "machine": base["machine"],
+        "date": time.strftime("%Y-%m-%d"),
+        "step_cost": step_cost,
+        "targets": check_targets(rows, step_cost),
+    }
+
+
 def main() -> None:
     """Run the variants and print one JSON document."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, required=True)
+    known = [PEER_NAME, *VARIANTS]
+    parser.add_argument("--dataset-dir", type=Path)
     parser.add_argument("--budget-min", type=float, default=30.0, help="training budget per variant (minutes)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
+    parser.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
+                        help="what the budget counts: wall time, or process CPU time per thread (shared machines)")
+    parser.add_argument("--variants", default=",".join(known), help=f"comma-separated of {known}")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (the split stays seed 0's)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "runs" / "hippocampus_benchmark")
     parser.add_argument("--study", type=Path, help="a DICOM export to segment with the default variant")
     parser.add_argument("--fold", type=int, default=0,
@@ -201,34 +385,51 @@ def main() -> None:
     parser.add_argument("--epochs", type=int,
                         help="train exactly N epochs instead of the time budget (compares variants at equal steps)")
     parser.add_argument("--skip-step-cost", action="store_true", help="skip the interleaved step-time measurement")
-    parser.add_argument("overrides", nargs="*", help="extra bundle overrides for every variant")
+    parser.add_argument("--step-cost-only", action="store_true", help="measure the step cost, train nothing")
+    parser.add_argument("--merge", type=Path, nargs="+", help="documents of earlier invocations to merge")
+    parser.add_argument("overrides", nargs="*", help="extra bundle overrides for every bundle variant (not the peer)")
     args = parser.parse_args()
+    if args.merge:
+        print(json.dumps(merge_documents([json.loads(p.read_text()) for p in args.merge]), indent=2))
+        return
+    if args.dataset_dir is None:
+        parser.error("--dataset-dir is required (unless --merge)")
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        sys.exit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+        sys.exit(f"unknown variant(s) {unknown}; known: {known}")
     # measured first, on the machine as the runs will find it, and so that a failure here costs minutes, not hours
     step_cost = None if args.skip_step_cost else measure_step_cost(args.dataset_dir.resolve(), args.fold, names,
                                                                     args.overrides)
     print(json.dumps({"step_cost": step_cost}), file=sys.stderr, flush=True)
     results = []
-    for name in names:
-        results.append(run_variant(name, args.dataset_dir.resolve(), args.output_dir / name, args.budget_min,
-                                   args.overrides, fold=args.fold, epochs=args.epochs))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress, one line per variant
+    for seed in ([] if args.step_cost_only else seeds):
+        for name in names:
+            out = args.output_dir / (name if seed == 0 else f"{name}_seed{seed}")
+            results.append(run_variant(name, args.dataset_dir.resolve(), out, args.budget_min, args.overrides,
+                                       fold=args.fold, epochs=args.epochs, seed=seed, clock=args.budget_clock))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress, one line per run
+    rows = summarize(results)
     document = {
-        "benchmark": "hippocampus_mtl variants at a fixed time budget",
+        "benchmark": "hippocampus_mtl variants and the plain MONAI UNet at a fixed budget",
         "dataset_dir": str(args.dataset_dir),
         "split": f"fold {args.fold} of 5, seed 0 (160 train / 40 validation)",
         "budget_minutes": None if args.epochs else args.budget_min,
+        "budget_clock": None if args.epochs else args.budget_clock,
         "epochs": args.epochs,
+        "seeds": seeds,
+        "overrides": args.overrides,
         "variants": results,
+        "summary": rows,
+        "bundle_batch_size": _bundle_batch_size(args.overrides),
+        "vs_monai_unet": compare_to_peer(rows, step_cost, _bundle_batch_size(args.overrides)),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.machine(),
                     "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "date": time.strftime("%Y-%m-%d"),
         "step_cost": step_cost,
-        "targets": check_targets(results, step_cost),
+        "targets": check_targets(rows, step_cost),
     }
     if args.study and DEFAULT_VARIANT in names:
         model = args.output_dir / DEFAULT_VARIANT / "models" / "last.pt"

@@ -144,3 +144,61 @@ def test_metadata_passes_the_schema_and_matches_the_network(hippocampus_dir: Pat
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     names = label_names(read_dataset_json(hippocampus_dir))
     assert {int(k): v for k, v in channels.items()} == {k: v.lower() for k, v in names.items()}
+
+
+def _benchmark_module():
+    """benchmarks/hippocampus.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hippocampus_benchmark", REPO_ROOT / "benchmarks/hippocampus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _document(runs: list[dict], step_cost: dict | None = None, epochs: int | None = 8) -> dict:
+    return {"benchmark": "b", "dataset_dir": "d", "split": "fold 0", "budget_minutes": None, "budget_clock": None,
+            "epochs": epochs, "overrides": [], "variants": runs, "summary": [{"variant": runs[0]["variant"]}]
+            if runs else [], "bundle_batch_size": 4, "machine": {}, "date": "today", "step_cost": step_cost}
+
+
+def _run(variant: str, seed: int, dice: float, sec_per_iter: float) -> dict:
+    return {"variant": variant, "seed": seed, "val/mean_dice": dice, "val/mean_hd95_mm": 1.5, "epochs": 8,
+            "sec_per_iter": sec_per_iter, "data_wait_fraction": 0.05}
+
+
+def test_benchmark_merges_separate_invocations_into_one_comparison_with_the_peer():
+    bench = _benchmark_module()
+    peer = _document([_run("monai_unet", 0, 0.86, 0.8), _run("monai_unet", 1, 0.88, 0.8)])
+    default = _document([_run("all", 0, 0.89, 0.4), _run("all", 1, 0.89, 0.4)])
+    cost = _document([], {"sec_per_sample": {"monai_unet": 0.2, "all": 0.25},
+                          "ratio_to_monai_unet_per_sample": {"monai_unet": 1.0, "all": 1.25}}, epochs=None)
+    merged = bench.merge_documents([peer, default, cost])
+    versus = merged["vs_monai_unet"]
+    assert versus["dice_difference"] == pytest.approx(0.02)  # seed means 0.89 - 0.87
+    assert versus["dice_spread_over_seeds"] == {"all": 0.0, "monai_unet": pytest.approx(0.02)}
+    assert versus["sec_per_sample_in_runs"] == {"all": 0.1, "monai_unet": 0.2}  # batch 4 both
+    assert versus["sec_per_sample_ratio_interleaved"] == 1.25
+    assert merged["targets"]["default_mean_dice_at_least_monai_unet_plus_0.01"]["met"] is True
+    assert merged["targets"]["default_cost_per_sample_at_most_1.5x_monai_unet"]["met"] is True
+    # the same runs with the default only 0.005 ahead: the target is not met
+    worse = bench.merge_documents([peer, _document([_run("all", 0, 0.875, 0.4)])])
+    assert worse["targets"]["default_mean_dice_at_least_monai_unet_plus_0.01"]["met"] is False
+    with pytest.raises(SystemExit, match="different conditions"):
+        bench.merge_documents([peer, _document([_run("all", 0, 0.89, 0.4)], epochs=12)])
+
+
+def test_cpu_clock_budget_ignores_time_the_process_did_not_get():
+    """The benchmark's `--budget-clock cpu`: sleeping (another process holding the CPU) does not count."""
+    import time
+
+    from medmtl.engine.budget import TimeBudget
+
+    wall, cpu = TimeBudget(1.0, clock="wall"), TimeBudget(1.0, clock="cpu")
+    wall._start(None)
+    cpu._start(None)
+    time.sleep(0.3)
+    assert wall.elapsed_s() >= 0.3
+    assert cpu.elapsed_s() < 0.1
+    with pytest.raises(ValueError, match="clock"):
+        TimeBudget(1.0, clock="gpu")

@@ -67,7 +67,8 @@ def test_segmentation_only_network():
     [
         ({"heads": ("cls",)}, "must include 'seg'"),
         ({"heads": ("seg", "edges")}, "unknown head"),
-        ({"strides": (2, 2, 2, 2)}, "strides\\[0\\] must be 1"),
+        ({"strides": (1, 0, 2, 2)}, "strides must be positive"),
+        ({"strides": (2, 2, 2, 1), "top_filters": 0}, "top_filters must be positive"),
         ({"deep_supervision": True, "deep_supr_num": 3}, "deep_supr_num"),
         ({"output": "tuple"}, "output must be"),
         ({"kernel_size": (3, 3)}, "kernel_size"),
@@ -212,3 +213,64 @@ def test_channels_last_gives_the_same_outputs_and_state_dict(spatial_dims):
     for key in ("seg", "boundary", "cls"):
         assert got[key].is_contiguous()  # callers may .view() the outputs
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+# the hippocampus default's layout, tiny: a strided first stage, a stride-1 bottleneck, a top stage
+STRIDED = {"filters": (4, 8, 16, 32), "strides": (2, 2, 2, 1), "top_filters": 4}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_strided_first_stage_keeps_every_head_at_input_resolution(spatial_dims):
+    net = make_net(spatial_dims, **STRIDED, num_cls_outputs=2, deep_supervision=True, deep_supr_num=2)
+    size = torch.tensor(TINY[spatial_dims]["size"])
+    assert net.strided_stem and net.size_divisor == (8,) * spatial_dims
+    x = make_input(spatial_dims)
+    out = net.train()(x)
+    assert out["seg"].shape == (2, 3, *size.tolist())
+    assert out["boundary"].shape == (2, 2, *size.tolist())
+    assert out["cls"].shape == (2, 2)
+    # deep supervision starts one level below the output: the strided input block's resolution
+    assert [tuple(t.shape) for t in out["seg_ds"]] == [(2, 3, *(size // 2).tolist()), (2, 3, *(size // 4).tolist())]
+    # no encoder block runs at full resolution: the first one already halves every axis
+    assert net.encoder[0](x).shape[2:] == tuple((size // 2).tolist())
+
+
+def test_strided_first_stage_sees_the_input_at_full_resolution():
+    """The top stage reads the upsampled decoder features and the image itself, at input resolution."""
+    net = make_net(3, **STRIDED).eval()
+    seen = []
+    net.top_block.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x = make_input(3, batch=1)
+    with torch.no_grad():
+        net(x)
+    (top_input,) = seen
+    assert top_input.shape == (1, STRIDED["top_filters"] + 1, *TINY[3]["size"])
+    torch.testing.assert_close(top_input[:, -1:], x)
+
+
+def test_strided_first_stage_seg_output_matches_and_trains():
+    dict_net = make_net(3, **STRIDED).eval()
+    seg_net = make_net(3, **STRIDED, output="seg", channels_last=True)
+    seg_net.load_state_dict(dict_net.state_dict(), strict=True)
+    x = make_input(3)
+    with torch.no_grad():
+        torch.testing.assert_close(seg_net.eval()(x), dict_net(x)["seg"], rtol=1e-4, atol=1e-5)
+    # learns a fixed batch: two boxes, all heads on
+    torch.manual_seed(0)
+    net = make_net(3, **STRIDED, num_cls_outputs=2)
+    label = torch.zeros(2, 1, 16, 16, 16)
+    label[:, :, 2:8, 2:14, 4:12] = 1
+    label[:, :, 8:14, 2:14, 4:12] = 2
+    image = label / 2 + 0.1 * torch.randn_like(label)
+    boundary = torch.cat([(label == c).float() * 2 - 1 for c in (1, 2)], dim=1)
+    targets = {"label": label, "cls": torch.ones(2, 2), "boundary": boundary}
+    loss_fn = MultiTaskLoss(num_classes=3, cls_mode="presence")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_fn(net(image), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

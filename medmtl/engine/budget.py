@@ -2,17 +2,29 @@
 
 `TimeBudget` ends training at the first epoch boundary from which one more epoch would overrun a budget, so
 variants compared "at the same budget" get the same machine time, and the last checkpoint holds a whole
-epoch. `StepTimer` measures seconds per iteration and the share of it spent waiting for data (ignite's
-GET_BATCH events), reported per epoch as `train/sec_per_iter` and `train/data_wait_fraction`.
+epoch. The budget counts wall-clock time by default; `clock="cpu"` counts the process's CPU time divided by
+its compute threads instead, which on a quiet machine equals wall time and on a shared one counts only the
+time the process actually got (benchmarks on a contended machine use it). `StepTimer` measures seconds per
+iteration and the share of it spent waiting for data (ignite's GET_BATCH events), reported per epoch as
+`train/sec_per_iter` and `train/data_wait_fraction`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
+
+
+def _cpu_seconds() -> float:
+    """Process CPU time per compute thread: wall time on a quiet machine, the time actually received on a busy one."""
+    return time.process_time() / max(1, torch.get_num_threads())
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": _cpu_seconds}
 
 
 class TimeBudget:
@@ -20,9 +32,15 @@ class TimeBudget:
 
     Args:
         minutes: the budget; None or 0 disables it.
+        clock: "wall" (elapsed time) or "cpu" (process CPU time / torch's thread count: busy-waiting compute
+            threads count too, so it slightly overstates the work; still far less disturbed by other processes).
     """
 
-    def __init__(self, minutes: float | None) -> None:
+    def __init__(self, minutes: float | None, clock: str = "wall") -> None:
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        self.clock = clock
+        self._now: Callable[[], float] = CLOCKS[clock]
         self.budget_s = float(minutes) * 60.0 if minutes else None
         self.spent_s = 0.0  # training time of earlier sessions (restored from a checkpoint)
         self._started: float | None = None
@@ -39,7 +57,7 @@ class TimeBudget:
 
     def elapsed_s(self) -> float:
         """Training seconds spent so far, earlier sessions included."""
-        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        running = self._now() - self._started if self._started is not None else 0.0
         return self.spent_s + running
 
     def fraction(self) -> float:
@@ -47,14 +65,14 @@ class TimeBudget:
         return min(1.0, self.elapsed_s() / self.budget_s) if self.budget_s else 0.0
 
     def _start(self, engine: Engine) -> None:
-        self._started = time.perf_counter()
+        self._started = self._now()
 
     def _epoch_start(self, engine: Engine) -> None:
-        self._epoch_started = time.perf_counter()
+        self._epoch_started = self._now()
 
     def _epoch_end(self, engine: Engine) -> None:
         if self._epoch_started is not None:
-            self._epoch_seconds.append(time.perf_counter() - self._epoch_started)
+            self._epoch_seconds.append(self._now() - self._epoch_started)
         # the slowest recent epoch (validation epochs are slower) must still fit
         next_epoch = max(self._epoch_seconds[-5:], default=0.0)
         if self.elapsed_s() + next_epoch > self.budget_s:

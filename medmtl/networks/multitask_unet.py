@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.blocks import Convolution
+from monai.networks.blocks.dynunet_block import (
+    UnetBasicBlock,
+    UnetOutBlock,
+    UnetResBlock,
+    UnetUpBlock,
+    get_conv_layer,
+)
 from monai.networks.nets import DynUNet
 
 __all__ = ["ClassificationHead", "HEAD_NAMES", "MultiTaskUNet", "check_heads"]
@@ -60,11 +67,19 @@ class MultiTaskUNet(nn.Module):
     seg logits as a tensor (for ``verify_net_in_out``, sliding-window segmentation and TorchScript export);
     it builds the same modules as ``output="dict"``, so checkpoints move between the two with identical keys.
 
-    Layout follows DynUNet: level 0 is the input block (``strides[0]`` must be 1 so the output is at input
-    resolution), the last level is the bottleneck, and each decoder level upsamples with a transposed
-    convolution of kernel and stride ``strides[i]``. Each spatial size of the input must be divisible by the
-    product of the strides along that axis (:attr:`size_divisor`), and the bottleneck must be larger than
-    one voxel (so at least one axis must be at least twice its divisor).
+    Layout follows DynUNet: level 0 is the input block, the last level is the bottleneck, and each decoder
+    level upsamples with a transposed convolution of kernel and stride ``strides[i]``. Each spatial size of
+    the input must be divisible by the product of the strides along that axis (:attr:`size_divisor`), and the
+    bottleneck must be larger than one voxel (so at least one axis must be at least twice its divisor).
+
+    **Strided first stage** (``strides[0] > 1``, as in MONAI's ``UNet``): the input block already
+    downsamples, so no wide block ever runs at full resolution, where most of the time of a CPU step goes
+    (``benchmarks/hippocampus_profile.py``). The decoder ends at level 0's resolution; a *top stage* then
+    returns to the input resolution: a transposed convolution (kernel = stride = ``strides[0]``) to
+    ``top_filters`` channels, concatenated with the input image (so fine intensity edges reach the heads),
+    and one ``kernel_size`` convolution + norm + activation. The seg and boundary heads read the top stage,
+    so every head keeps its shape and meaning. With ``strides[0] == 1`` (DynUNet's layout) there is no top
+    stage and level 0 runs at full resolution.
 
     Args:
         spatial_dims: 2 or 3.
@@ -77,8 +92,11 @@ class MultiTaskUNet(nn.Module):
         num_cls_outputs: logits of the classification head (K classes, or C-1 presence logits).
         cls_hidden: hidden width of the classification MLP.
         cls_dropout: dropout in the classification MLP.
-        deep_supervision: emit lower-resolution seg logits under "seg_ds" in training mode.
+        deep_supervision: emit lower-resolution seg logits under "seg_ds" in training mode (decoder levels
+            below the output resolution, highest first: with a strided first stage the first is level 0).
         deep_supr_num: how many; at least 1 and less than ``len(strides) - 1``.
+        top_filters: channels of the top stage when ``strides[0] > 1`` (default: ``filters[0] // 2``, at
+            least 4); not used otherwise.
         norm_name: MONAI norm name or (name, kwargs); defaults to instance norm with affine parameters as
             in DynUNet and nnU-Net.
         act_name: MONAI activation name or (name, kwargs).
@@ -110,6 +128,7 @@ class MultiTaskUNet(nn.Module):
         dropout: float | None = None,
         channels_last: bool = False,
         output: str = "dict",
+        top_filters: int | None = None,
     ) -> None:
         super().__init__()
         self.heads = check_heads(heads)
@@ -127,8 +146,12 @@ class MultiTaskUNet(nn.Module):
         if len(filters) < depth:
             raise ValueError(f"filters has {len(filters)} entries but strides has {depth} levels")
         strides_axes = [_per_axis(s, spatial_dims, "strides") for s in strides]
-        if any(s != 1 for s in strides_axes[0]):
-            raise ValueError(f"strides[0] must be 1 so seg is at input resolution, got {strides[0]}")
+        if any(s < 1 for axes in strides_axes for s in axes):
+            raise ValueError(f"strides must be positive, got {list(strides)}")
+        #: the input block downsamples; a top stage returns to input resolution (see the class docstring)
+        self.strided_stem = any(s != 1 for s in strides_axes[0])
+        if top_filters is not None and top_filters < 1:
+            raise ValueError(f"top_filters must be positive, got {top_filters}")
         kernels = _per_level(kernel_size, depth, spatial_dims)
         if deep_supervision and not 1 <= deep_supr_num < depth - 1:
             raise ValueError(
@@ -176,16 +199,30 @@ class MultiTaskUNet(nn.Module):
             )
             for i in range(depth - 1, 0, -1)
         )
-        self.seg_head = UnetOutBlock(spatial_dims, filters[0], num_classes)
+        head_channels = filters[0]
+        if self.strided_stem:
+            head_channels = int(top_filters) if top_filters is not None else max(4, filters[0] // 2)
+            self.top_up = get_conv_layer(
+                spatial_dims, filters[0], head_channels, kernel_size=strides_axes[0], stride=strides_axes[0],
+                dropout=dropout, conv_only=True, is_transposed=True,
+            )
+            self.top_block = Convolution(
+                spatial_dims, head_channels + in_channels, head_channels, kernel_size=kernels[0],
+                padding=tuple(k // 2 for k in kernels[0]), norm=norm_name, act=act_name, dropout=dropout,
+            )
+        self.seg_head = UnetOutBlock(spatial_dims, head_channels, num_classes)
+        # the decoder outputs below the output resolution: all of them with a top stage, else all but the last
+        self._ds_offset = 1 if self.strided_stem else 2
         if deep_supervision:
-            # ds_heads[j] reads the decoder output with filters[j + 1] channels (j + 1 levels below the top)
+            # ds_heads[j] reads decoded[-offset - j], which has filters[j + offset - 1] channels
             self.ds_heads = nn.ModuleList(
-                UnetOutBlock(spatial_dims, filters[j + 1], num_classes) for j in range(deep_supr_num)
+                UnetOutBlock(spatial_dims, filters[j + self._ds_offset - 1], num_classes)
+                for j in range(deep_supr_num)
             )
         if "cls" in self.heads:
             self.cls_head = ClassificationHead(filters[-1], num_cls_outputs, cls_hidden, cls_dropout)
         if "boundary" in self.heads:
-            self.boundary_head = UnetOutBlock(spatial_dims, filters[0], num_classes - 1)
+            self.boundary_head = UnetOutBlock(spatial_dims, head_channels, num_classes - 1)
         self.apply(DynUNet.initialize_weights)
         self.memory_format = (
             (torch.channels_last_3d if spatial_dims == 3 else torch.channels_last) if channels_last else None
@@ -243,14 +280,18 @@ class MultiTaskUNet(nn.Module):
         for up, skip in zip(self.decoder, reversed(skips), strict=True):
             out = up(out, skip)
             decoded.append(out)
+        if self.strided_stem:  # back to input resolution, with the image itself as the skip
+            out = self.top_block(torch.cat([self.top_up(out), x], dim=1))
         # outputs leave in the default layout, whatever the internal one: callers may .view() them
         seg = self.seg_head(out).contiguous()
         if self.output == "seg":
             return seg
         result: dict[str, torch.Tensor | list[torch.Tensor]] = {"seg": seg}
         if self.deep_supervision and self.training:
-            # decoded[-2] is one level below the top, decoded[-3] two levels, ...
-            result["seg_ds"] = [head(decoded[-2 - j]).contiguous() for j, head in enumerate(self.ds_heads)]
+            # highest resolution first: decoded[-2], decoded[-3], ... (decoded[-1], ... with a top stage)
+            result["seg_ds"] = [
+                head(decoded[-self._ds_offset - j]).contiguous() for j, head in enumerate(self.ds_heads)
+            ]
         if "cls" in self.heads:
             result["cls"] = self.cls_head(bottleneck)
         if "boundary" in self.heads:
