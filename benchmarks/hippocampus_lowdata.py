@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hippocampus import VARIANTS, run_variant  # noqa: E402
@@ -87,7 +88,24 @@ def run_arm(arm: str, size: int, seed: int, iterations: int, dataset_dir: Path, 
     out = output_dir / f"n{size}_{arm}_seed{seed}"
     result = run_variant(variant, dataset_dir, out, budget_min=0.0, extra=overrides, fold=0,
                          epochs=epochs_for(size, iterations), seed=seed)
-    return {"arm": arm, "train_cases": size, "arm_overrides": extra, **result}
+    return {"arm": arm, "train_cases": size, "arm_overrides": extra, **result,
+            "final_train_loss_seg": final_train_loss_seg(out)}
+
+
+def final_train_loss_seg(out: Path) -> float | None:
+    """The last epoch's mean training seg loss (Dice+CE) of the training run in `out`: fit, not generalisation.
+
+    At equal steps a lower validation Dice with a higher training seg loss means the run is behind in
+    optimisation (underfitting), not that it overfits.
+    """
+    db = out / "eval" / "mlruns.db"
+    if not db.exists():
+        return None
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("hippocampus_mtl")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if not r.info.run_name.startswith("evaluate")]
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss_seg"), key=lambda m: m.step)
+    return round(history[-1].value, 4) if runs and history else None
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -111,6 +129,9 @@ def summarize(results: list[dict]) -> dict:
                 "mean_hd95_mm_per_seed": [round(r["val/mean_hd95_mm"], 3) for r in runs],
                 "mean_dice": _mean_sd([r["val/mean_dice"] for r in runs]),
                 "mean_hd95_mm": _mean_sd([r["val/mean_hd95_mm"] for r in runs]),
+                **{f"{key.removeprefix('val/')}_per_seed": [round(r[key], 4) for r in runs] for key in sorted(runs[0])
+                   if key.startswith("val/dice_") and all(r.get(key) is not None for r in runs)},
+                "final_train_loss_seg_per_seed": [r.get("final_train_loss_seg") for r in runs],
                 "sec_per_iter": round(statistics.mean(r["sec_per_iter"] for r in runs), 3),
             }
     differences: dict[str, dict] = {}
@@ -161,10 +182,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (the split stays seed 0's)")
     parser.add_argument("--iterations", type=int, default=200, help="training iterations per run (equal steps)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs") / "hippocampus_lowdata")
-    parser.add_argument("--summarize", type=Path, help="print the document of a results.jsonl and exit")
+    parser.add_argument("--summarize", type=Path, help="print the document of a results.jsonl (runs of several"
+                        " invocations may be concatenated into one file) and exit")
     args = parser.parse_args()
     if args.summarize:
         results = [json.loads(line) for line in args.summarize.read_text().splitlines() if line.strip()]
+        for r in results:  # runs recorded before the training loss was part of the record
+            if r.get("final_train_loss_seg") is None:
+                r["final_train_loss_seg"] = final_train_loss_seg(Path(r["output_dir"]))
         its = {r["iterations"] for r in results}
         print(json.dumps(document(results, its.pop() if len(its) == 1 else None, None), indent=2))
         return
