@@ -124,7 +124,8 @@ def test_infer_dicom_export_with_trained_model(trained: Path, export: Path, tmp_
         assert report["input"]["description"] == "T1 MPRAGE phantom"
         assert report["input"]["modality"] == "MR" and report["input"]["num_slices"] == 32
         assert report["input"]["series_uid"].endswith(name[-8:])
-        assert report["bundle"] == {"name": "phantom_mtl", "version": "0.1.0"}
+        version = json.loads((PHANTOM / "configs" / "metadata.json").read_text())["version"]
+        assert report["bundle"] == {"name": "phantom_mtl", "version": version}
         assert report["medmtl_version"] == "0.1.0"
         assert set(report["timings_s"]) == {"load", "preprocess", "inference", "postprocess", "write"}
         assert set(report["class_probabilities"]) == {"no_lesion", "lesion"}
