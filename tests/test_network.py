@@ -188,14 +188,7 @@ def test_optimizer_steps_reduce_multitask_loss():
     image = label / 2 + 0.1 * torch.randn_like(label)
     boundary = torch.stack([(label[:, 0] == c).float() * 2 - 1 for c in (1, 2)], dim=1)
     targets = {"label": label, "cls": torch.tensor([0, 1]), "boundary": boundary}
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        optimizer.zero_grad()
-        loss = loss_fn(net(image), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _fit(net, loss_fn, image, targets)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -265,12 +258,18 @@ def test_strided_first_stage_seg_output_matches_and_trains():
     boundary = torch.cat([(label == c).float() * 2 - 1 for c in (1, 2)], dim=1)
     targets = {"label": label, "cls": torch.ones(2, 2), "boundary": boundary}
     loss_fn = MultiTaskLoss(num_classes=3, cls_mode="presence")
+    losses = _fit(net, loss_fn, image, targets)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _fit(net: torch.nn.Module, loss_fn, image: torch.Tensor, targets: dict, steps: int = 12) -> list[float]:
+    """Train `net` on one batch with Adam (lr 1e-2); the loss after each step."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_fn(net(image), targets)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    return losses
