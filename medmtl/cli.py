@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "series",
         help="list the DICOM series under a folder tree, flag problems, apply a selection rule",
         description="Find every DICOM series under FOLDER (any file names, nested folders), group by "
-        "SeriesInstanceUID and print one line per series with the problems found.",
+        "SeriesInstanceUID and print one line per series with the problems found. Exits 2 if none is found, 1 if "
+        "none matches the selection rule.",
     )
     p.add_argument("folder", type=Path, help="a DICOM export: study folder, series folder or any tree")
     add_series_rule_options(p)
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment every input under INPUT (a NIfTI file, a folder of NIfTI files, a DICOM series "
         "folder or an export tree; DICOM series chosen by the bundle's metadata.json \"input_series\" or the "
         "options below) with the bundle's configs/inference.yaml. Writes OUT/<name>/seg.nii.gz, seg.dcm "
-        "(DICOM inputs), report.json per input. Exits 1 if any input failed.",
+        "(DICOM inputs), report.json per input. Exits 1 if any input failed, 2 if INPUT holds no NIfTI image and "
+        "no DICOM image series.",
     )
     p.add_argument("input", type=Path, help="NIfTI file, folder of NIfTI files, DICOM series or export tree")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (with configs/inference.yaml)")

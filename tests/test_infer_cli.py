@@ -286,8 +286,9 @@ def test_empty_folder_is_reported(random_model: Path, tmp_path: Path, capsys):
     code = main(["infer", str(tmp_path / "empty"), "--bundle", str(PHANTOM), "--model", str(random_model),
                  "--output", str(tmp_path / "out"), *TINY])  # fmt: skip
     captured = capsys.readouterr()
-    assert code == EXIT_FAILED
-    assert f"failed  {tmp_path / 'empty'}: no inputs found" in captured.out
+    assert code == EXIT_ERROR  # nothing to segment: the run cannot start, as `medmtl series` on such a folder
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert f"medmtl infer: error: {tmp_path / 'empty'}: no inputs found" in captured.err
     assert not (tmp_path / "out").exists()
 
 
@@ -300,15 +301,17 @@ def test_folder_without_dicom_or_nifti_is_reported(random_model: Path, tmp_path:
     code = main(["infer", str(junk), "--bundle", str(PHANTOM), "--model", str(random_model), "--quiet",
                  "--output", str(tmp_path / "out"), *TINY])  # fmt: skip
     captured = capsys.readouterr()
-    assert code == EXIT_FAILED and captured.out == ""
-    assert "no NIfTI image (.nii, .nii.gz) and no DICOM image series" in captured.err
+    assert code == EXIT_ERROR and captured.out == "" and captured.err.count("\n") == 1
+    assert f"{junk}: no inputs found: the folder holds no NIfTI image (.nii, .nii.gz) and no DICOM image series" \
+        in captured.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_series_matches_the_rule(random_model: Path, export: Path, tmp_path: Path, capsys):
     code = main(["infer", str(export / "dicom"), "--bundle", str(PHANTOM), "--model", str(random_model),
                  "--output", str(tmp_path / "out"), "--description", "^DWI", *TINY])  # fmt: skip
     captured = capsys.readouterr()
-    assert code == EXIT_FAILED
+    assert code == EXIT_FAILED  # series are there, the rule chose none: as `medmtl series` with a rule
     rule = "(modality=MR, description~/^DWI/)"
     assert f"6 DICOM series found, none matches the series rule {rule}" in captured.out
 

@@ -288,11 +288,12 @@ def find_inputs(input_path: Path | str, rule: SeriesRule | None = None) -> tuple
         rule: which DICOM series to take (default: every series except localizers).
 
     Returns:
-        (inputs in a stable order, problems in words): a problem says why nothing (or not everything) could
-        be found, e.g. no NIfTI file and no DICOM series, or no series matching the rule.
+        (inputs in a stable order, problems in words): a problem says why not everything could be found,
+        e.g. DICOM series were found but none matches the rule.
 
     Raises:
-        MedmtlError: INPUT does not exist.
+        MedmtlError: INPUT does not exist, or holds no usable input at all (no NIfTI image and no DICOM
+            image series): the run cannot start, as `medmtl series` on such a folder.
     """
     root = Path(input_path)
     rule = rule or SeriesRule()
@@ -311,15 +312,13 @@ def find_inputs(input_path: Path | str, rule: SeriesRule | None = None) -> tuple
         items.append(
             InputItem(label=s.label, name=_unique(_series_name(s), taken), path=s.folder or root, series=s)
         )
-    problems = []
-    if series and not chosen:
-        problems.append(_no_match_reason(root, series, rule))
-    elif not items:
+    if not items and not series:  # nothing usable: a script must tell this from inputs that failed
         what = "file" if root.is_file() else "folder"
-        problems.append(
+        raise MedmtlError(
             f"{root}: no inputs found: the {what} holds no NIfTI image (.nii, .nii.gz) "
             "and no DICOM image series"
         )
+    problems = [_no_match_reason(root, series, rule)] if series and not chosen else []
     return items, problems
 
 
@@ -628,8 +627,9 @@ def run_batch(
         the summary; it has been printed (failures on stderr).
 
     Raises:
-        MedmtlError: when the run cannot start: no INPUT or OUT given, INPUT missing, OUT inside INPUT or
-            not writable, unknown formats or a bad series rule.
+        MedmtlError: when the run cannot start: no INPUT or OUT given, INPUT missing or holding no NIfTI
+            image and no DICOM image series, OUT inside INPUT or not writable, unknown formats or a bad
+            series rule.
     """
     printable_console()
     if input_path is None or str(input_path) == "":
@@ -706,7 +706,7 @@ def _prepare_output_dir(output_dir: Path) -> bool:
 
 
 def exit_on_failure(summary: BatchSummary) -> BatchSummary:
-    """For ``python -m monai.bundle run``: exit with status 1 when an input failed or none was found.
+    """For ``python -m monai.bundle run``: exit with status 1 when an input failed or none was selected.
 
     Args:
         summary: the result of `run_batch`.
