@@ -1,10 +1,14 @@
-"""The one exception type that carries a message meant for the user, and how it reaches the user."""
+"""The one exception type that carries a message meant for the user, how it reaches the user, and the one-line
+summary of any other exception that a user message quotes."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from types import TracebackType
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 
 class MedmtlError(Exception):
@@ -32,6 +36,29 @@ def medmtl_cause(err: BaseException | None) -> MedmtlError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def error_summary(err: BaseException, *, typed: bool = False, joined: bool = False, limit: int | None = None) -> str:
+    """An exception as one line for a user message: the one summary of a library's error that medmtl shows.
+
+    Args:
+        err: the exception.
+        typed: prefix its type name (``"OSError: ..."``), for errors whose message alone says too little.
+        joined: join all lines of the message (``"; "``, or a space after a ``:``) instead of taking the first:
+            pydicom lists each decoder's complaint on a line of its own.
+        limit: cut the text to this many characters (ending ``...``).
+
+    Returns:
+        the first (or every) non-empty line of the message, colour codes removed; the type name alone when the
+        message is empty.
+    """
+    lines = [line.strip() for line in _COLOUR.sub("", str(err)).splitlines() if line.strip()]
+    text = ""
+    for line in lines if joined else lines[:1]:
+        text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    if typed or not text:
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def show_user_errors_as_one_line() -> None:

@@ -29,7 +29,7 @@ from medmtl.data.plausibility import (
     layout_problem,
     spacing_problem,
 )
-from medmtl.errors import MedmtlError
+from medmtl.errors import MedmtlError, error_summary
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def read_error_text(err: Exception, path: Path) -> str:
     """
     if isinstance(err, EOFError):
         return "truncated gzip stream"
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = error_summary(err)
     text = text.replace(f'"{path}"', path.name).replace(f"'{path}'", path.name).replace(str(path), path.name)
     if text.startswith("Cannot work out file type"):
         return "not a NIfTI file, or its header is truncated"

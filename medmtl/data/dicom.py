@@ -46,7 +46,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from medmtl.errors import MedmtlError
+from medmtl.errors import MedmtlError, error_summary
 from medmtl.quiet import MONAI_READER_NOISE, silenced
 
 logger = logging.getLogger(__name__)
@@ -674,15 +674,9 @@ def _build_series_safely(uid: str, headers: list[_Header]) -> SeriesInfo:
         )
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception as one line: its type and message, lines joined (decoder errors span several)."""
-    text = ""
-    for line in (line.strip() for line in str(err).splitlines()):
-        if line:  # pydicom lists each decoder's complaint on its own line after "...plugins:"
-            text += ("" if not text else " " if text.endswith(":") else "; ") + line
-    text = printable(text)
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type and every line of its message (decoder errors span several)."""
+    return printable(error_summary(err, typed=True, joined=True, limit=300))
 
 
 # ---------------------------------------------------------------------------------------------------------

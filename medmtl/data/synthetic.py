@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write
 
 # --- geometry (fractions are of the image edge length) ---
 SPACING_MM = 1.0
@@ -526,28 +527,11 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm")
     image.header.set_data_dtype(array.dtype)
-    return _atomic_write(path, lambda tmp: nib.save(image, tmp))
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Write through a temporary name in the same folder, then rename: readers never see partial files."""
-    # the temporary name keeps the real suffix: nibabel picks gzip compression from it
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise MedmtlError(f"{path}: cannot write ({err.strerror or err})") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -733,7 +717,7 @@ def _slice_dataset(
 
 
 def _write_dicom_file(path: Path, ds: Dataset) -> Path:
-    return _atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def _phantom_study(seed: int, index: int, rng: np.random.Generator) -> StudyInfo:

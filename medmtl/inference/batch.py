@@ -50,7 +50,7 @@ from medmtl.data.dicom import (
     select_series,
 )
 from medmtl.data.plausibility import dtype_problem
-from medmtl.errors import MedmtlError, medmtl_cause, printable_console
+from medmtl.errors import MedmtlError, error_summary, medmtl_cause, printable_console
 from medmtl.inference.predictor import Prediction, Predictor
 from medmtl.inference.writers import label_volumes_ml, safe_name, write_dicom_seg, write_nifti, write_report
 from medmtl.quiet import MONAI_READER_NOISE, silenced
@@ -430,13 +430,9 @@ def _write_outputs(
         except Exception as err:  # one format failing (a SEG of an odd source) must not lose the others
             if isinstance(err, NOT_DATA_ERRORS):
                 raise
-            reason = str(err) if isinstance(err, MedmtlError) else f"{type(err).__name__}: {_first_line(err)}"
+            reason = str(err) if isinstance(err, MedmtlError) else error_summary(err, typed=True)
             warnings.append(f"{name} not written: {reason}")
     return written, warnings
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def is_medmtl_output(folder: Path) -> bool:
@@ -572,7 +568,7 @@ def process_input(
     except BaseException as err:  # one bad input must never stop the others (torch errors, out of memory, ...)
         if isinstance(err, NOT_DATA_ERRORS):  # Ctrl-C and exits stop the run; decoder panics do not
             raise
-        reason = f"unexpected error ({type(err).__name__}: {_first_line(err)})"
+        reason = f"unexpected error ({error_summary(err, typed=True)})"
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -791,9 +787,7 @@ def build_from_config(parser: Any) -> tuple[Predictor, dict[str, Any]]:
             cause = medmtl_cause(err)
             if cause is not None:
                 raise cause from None
-            inner = _innermost(err)
-            first = (str(inner).strip().splitlines() or [""])[0]
             raise MedmtlError(
-                f"inference config: cannot build '{key}' ({type(inner).__name__}: {first})"
+                f"inference config: cannot build '{key}' ({error_summary(_innermost(err), typed=True)})"
             ) from None
     return out[0], dict(out[1])

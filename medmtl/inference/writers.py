@@ -1,6 +1,6 @@
 """Inference outputs: NIfTI label maps, DICOM SEG, report.json, and the names they are written under.
 
-Every writer writes atomically (a hidden temporary file in the target folder, then a rename), so a reader
+Every writer writes atomically (`medmtl.io.atomic_write`: a hidden temporary file, then a rename), so a reader
 or a crashed batch never leaves a half-written output behind. `write_nifti` and `write_dicom_seg` refuse to
 replace an existing file unless told to. Geometry is never re-oriented: output voxel (i, j, k) is the
 caller's voxel (i, j, k), and for DICOM the caller's array is on the grid of `load_series` (columns, rows,
@@ -20,8 +20,7 @@ import math
 import os
 import re
 import unicodedata
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from pydicom.sr.coding import Code
 import medmtl
 from medmtl.data.dicom import SeriesInfo
 from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write
 from medmtl.quiet import silenced
 
 SAFE_NAME_MAX = 80
@@ -106,46 +106,6 @@ def safe_name(text: str, fallback: str = "case") -> str:
     return fallback
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object], *, overwrite: bool) -> Path:
-    """Write `path` through a temporary file in its folder, then move it into place in one step.
-
-    The temporary name ends with the real name, so writers that choose a format by suffix (nibabel's
-    ``.nii.gz``) behave as for the real name. Without `overwrite` the file is linked into place, which fails
-    if something appeared there meanwhile, instead of being renamed over it.
-    """
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise MedmtlError(f"{path}: already exists; refusing to overwrite it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MedmtlError(f"{path.parent}: cannot create the output folder ({err.strerror or err})") from None
-    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}.tmp-{path.name}")
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_into_place(tmp, path)
-    except OSError as err:
-        raise MedmtlError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _link_into_place(tmp: Path, path: Path) -> None:
-    try:
-        os.link(tmp, path)  # atomic and never replaces an existing file
-    except FileExistsError:
-        raise MedmtlError(f"{path}: already exists; refusing to overwrite it") from None
-    except OSError:
-        # file systems without hard links: a small window between the check and the rename remains
-        if path.exists():
-            raise MedmtlError(f"{path}: already exists; refusing to overwrite it") from None
-        os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # NIfTI
 
@@ -199,7 +159,7 @@ def write_nifti(
     image.set_qform(affine, code=xform_code)
     if not np.allclose(image.get_qform(), affine, atol=_QFORM_TOL):
         image.set_qform(affine, code=0)  # a qform cannot hold shear: readers must use the sform alone
-    return _atomic_write(path, lambda tmp: nib.save(image, tmp), overwrite=overwrite)
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), overwrite=overwrite)
 
 
 def _nifti_data(array: np.ndarray, dtype: Any, path: Path) -> np.ndarray:
@@ -313,7 +273,7 @@ def write_dicom_seg(
         with silenced("highdicom", "pydicom"):
             seg.save_as(tmp, enforce_file_format=True)
 
-    return _atomic_write(Path(path), save, overwrite=overwrite)
+    return atomic_write(Path(path), save, overwrite=overwrite)
 
 
 def _segment_descriptions(
@@ -481,7 +441,7 @@ def write_report(report: Mapping[str, Any], path: Path, *, overwrite: bool = Tru
         MedmtlError: for a value that has no JSON form (naming where it is), or a write failure.
     """
     text = json.dumps(_jsonable(report, "report"), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def _jsonable(value: Any, where: str) -> Any:
