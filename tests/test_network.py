@@ -10,13 +10,16 @@ from monai.bundle import verify_net_in_out
 from monai.networks.utils import convert_to_torchscript
 
 from medmtl.losses import MultiTaskLoss
-from medmtl.networks import MultiTaskUNet
+from medmtl.networks import MultiTaskUNet, SegmentationUNet
 
 # tiny configurations: 3D 16^3 and 2D 32^2 inputs, bottleneck of 2 voxels per axis
 TINY = {
     3: {"filters": (4, 8, 16, 32), "strides": (1, 2, 2, 2), "size": (16, 16, 16)},
     2: {"filters": (4, 8, 16, 32), "strides": (1, 2, 2, 2), "size": (32, 32)},
 }
+
+# the hippocampus default's layout, tiny: a strided first stage, a stride-1 bottleneck, a top stage
+STRIDED = {"filters": (4, 8, 16, 32), "strides": (2, 2, 2, 1), "top_filters": 4}
 
 
 def make_net(spatial_dims: int, **kwargs) -> MultiTaskUNet:
@@ -158,6 +161,34 @@ def test_torchscript_trace_of_seg_network_matches_eager(tmp_path):
         torch.testing.assert_close(traced(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"deep_supervision": True}, {"heads": ("seg",)}, {**STRIDED, "channels_last": True}],
+    ids=["all-heads", "deep-supervision", "seg-only", "strided-channels-last"],
+)
+def test_torch_jit_script_matches_eager(kwargs):
+    """Both networks script (what ckpt_export and the model zoo run) and give the eager outputs."""
+    dict_net = make_net(3, **kwargs).eval()
+    seg_net = make_net(3, output="seg", **kwargs).eval()
+    assert isinstance(seg_net, SegmentationUNet) and seg_net.output == "seg"
+    seg_net.load_state_dict(dict_net.state_dict(), strict=True)
+    scripted_dict, scripted_seg = torch.jit.script(dict_net), torch.jit.script(seg_net)
+    assert str(scripted_seg.forward.schema).endswith("-> Tensor")
+    x = make_input(3)
+    with torch.no_grad():
+        expected = dict_net(x)
+        got = scripted_dict(x)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value)
+        torch.testing.assert_close(scripted_seg(x), expected["seg"], rtol=1e-4, atol=1e-5)
+    if kwargs.get("deep_supervision"):
+        assert len(scripted_dict.train()(x)["seg_ds"]) == len(dict_net.train()(x)["seg_ds"])
+    # the scripted network refuses a bad input with the eager message
+    with pytest.raises(torch.jit.Error, match=r"\(16, 12, 16\) is not divisible by"):
+        scripted_seg(torch.rand(1, 1, 16, 12, 16))
+
+
 def test_input_size_not_divisible_is_named():
     net = make_net(3)
     with pytest.raises(ValueError, match=r"\(16, 12, 16\) is not divisible by \(8, 8, 8\)"):
@@ -208,8 +239,6 @@ def test_channels_last_gives_the_same_outputs_and_state_dict(spatial_dims):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
 
 
-# the hippocampus default's layout, tiny: a strided first stage, a stride-1 bottleneck, a top stage
-STRIDED = {"filters": (4, 8, 16, 32), "strides": (2, 2, 2, 1), "top_filters": 4}
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

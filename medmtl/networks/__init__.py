@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medmtl.networks.multitask_unet import HEAD_NAMES, ClassificationHead, MultiTaskUNet
+from medmtl.networks.multitask_unet import HEAD_NAMES, ClassificationHead, MultiTaskUNet, SegmentationUNet
 
-__all__ = ["HEAD_NAMES", "ClassificationHead", "MultiTaskUNet"]
+__all__ = ["HEAD_NAMES", "ClassificationHead", "MultiTaskUNet", "SegmentationUNet"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from monai.networks.blocks.dynunet_block import (
 )
 from monai.networks.nets import DynUNet
 
-__all__ = ["ClassificationHead", "HEAD_NAMES", "MultiTaskUNet", "check_heads"]
+__all__ = ["ClassificationHead", "HEAD_NAMES", "MultiTaskUNet", "SegmentationUNet", "check_heads"]
 
 #: every head the network knows; "seg" is the product and is always on.
 HEAD_NAMES = ("seg", "cls", "boundary")
@@ -63,9 +64,10 @@ class MultiTaskUNet(nn.Module):
     - ``"boundary"``: ``(N, num_classes - 1, *spatial)`` in ``[-1, 1]`` (tanh), one channel per foreground
       class, from the last decoder features: meant for normalised signed distance maps.
 
-    A head left out of ``heads`` is not built, so it has no parameters. ``output="seg"`` returns only the
-    seg logits as a tensor (for ``verify_net_in_out``, sliding-window segmentation and TorchScript export);
-    it builds the same modules as ``output="dict"``, so checkpoints move between the two with identical keys.
+    A head left out of ``heads`` is not built, so it has no parameters. ``output="seg"`` builds a
+    :class:`SegmentationUNet`, which returns only the seg logits as a tensor (for ``verify_net_in_out``,
+    sliding-window segmentation and TorchScript export); it builds the same modules, so checkpoints move
+    between the two with identical keys. Both script with ``torch.jit.script``.
 
     Layout follows DynUNet: level 0 is the input block, the last level is the bottleneck, and each decoder
     level upsamples with a transposed convolution of kernel and stride ``strides[i]``. Each spatial size of
@@ -105,8 +107,14 @@ class MultiTaskUNet(nn.Module):
         channels_last: keep weights and activations channels-last (``channels_last_3d`` / ``channels_last``):
             about 20% faster training on CPU (oneDNN); outputs are returned in the usual contiguous layout and
             state dicts are identical either way.
-        output: ``"dict"`` (all enabled heads) or ``"seg"`` (seg logits tensor only).
+        output: ``"dict"`` (all enabled heads) or ``"seg"`` (seg logits tensor only: a SegmentationUNet).
     """
+
+    def __new__(cls, *args: Any, output: str = "dict", **kwargs: Any) -> MultiTaskUNet:
+        # one class per return type, as TorchScript needs: output="seg" makes the segmentation-only subclass
+        if output == "seg" and cls is MultiTaskUNet:
+            cls = SegmentationUNet
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -162,11 +170,12 @@ class MultiTaskUNet(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.output = output
+        self.output = "seg" if isinstance(self, SegmentationUNet) else output
         self.deep_supervision = deep_supervision
         self.deep_supr_num = deep_supr_num
         #: each input spatial size must be a multiple of this (e.g. for ``DivisiblePadd(k=...)``)
-        self.size_divisor: tuple[int, ...] = tuple(int(d) for d in np.prod(strides_axes, axis=0))
+        self.size_divisor = tuple(int(d) for d in np.prod(strides_axes, axis=0))
+        self._divisor = list(self.size_divisor)  # the same as a list: what TorchScript indexes
         filters = [int(f) for f in filters[:depth]]
 
         conv_block = UnetResBlock if res_block else UnetBasicBlock
@@ -224,79 +233,103 @@ class MultiTaskUNet(nn.Module):
         if "boundary" in self.heads:
             self.boundary_head = UnetOutBlock(spatial_dims, head_channels, num_classes - 1)
         self.apply(DynUNet.initialize_weights)
-        self.memory_format = (
-            (torch.channels_last_3d if spatial_dims == 3 else torch.channels_last) if channels_last else None
-        )
-        if self.memory_format is not None:
-            self.to(memory_format=self.memory_format)
+        # a plain bool, not a torch.memory_format attribute: TorchScript cannot hold the latter
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming what is wrong when ``x`` cannot pass through the network.
 
+        Written in the subset of Python that TorchScript compiles, so a scripted network (``model.ts``) refuses
+        a bad input with the same message.
+
         Args:
             x: input batch ``(N, in_channels, *spatial)``.
         """
-        if x.ndim != self.spatial_dims + 2:
+        if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 f"MultiTaskUNet({self.spatial_dims}D) expects (N, C, {self.spatial_dims} spatial axes), "
-                f"got shape {tuple(x.shape)}"
+                f"got shape {_as_tuple_text([int(s) for s in x.shape])}"
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"MultiTaskUNet expects {self.in_channels} input channel(s), got {x.shape[1]}")
-        size = tuple(int(s) for s in x.shape[2:])
-        if any(s % d for s, d in zip(size, self.size_divisor, strict=True)):
+        size = [int(s) for s in x.shape[2:]]
+        divisor = _as_tuple_text(self._divisor)
+        if any([size[i] % self._divisor[i] != 0 for i in range(len(size))]):
             raise ValueError(
-                f"input spatial size {size} is not divisible by {self.size_divisor} "
-                f"(the product of the strides); pad or crop it, e.g. DivisiblePadd(k={self.size_divisor})"
+                f"input spatial size {_as_tuple_text(size)} is not divisible by {divisor} "
+                f"(the product of the strides); pad or crop it, e.g. DivisiblePadd(k={divisor})"
             )
-        if all(s == d for s, d in zip(size, self.size_divisor, strict=True)):
+        if all([size[i] == self._divisor[i] for i in range(len(size))]):
             raise ValueError(
-                f"input spatial size {size} leaves a one-voxel bottleneck, which normalisation cannot "
-                f"handle; make at least one axis at least twice its divisor {self.size_divisor}"
+                f"input spatial size {_as_tuple_text(size)} leaves a one-voxel bottleneck, which normalisation "
+                f"cannot handle; make at least one axis at least twice its divisor {divisor}"
             )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]] | torch.Tensor:
+    def _trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Encoder and decoder (and the top stage): (features at input resolution, bottleneck, decoder outputs).
+
+        Loops over the ModuleLists by index-free iteration and keeps lists, not slices, so TorchScript
+        compiles it.
+        """
+        if not torch.jit.is_tracing():  # shapes are constants in a trace; the check ran in eager mode
+            self.check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d if self.spatial_dims == 3 else torch.channels_last)
+        skips: list[torch.Tensor] = []
+        out = x
+        for block in self.encoder:
+            out = block(out)
+            skips.append(out)
+        bottleneck = skips.pop()  # the last level is the bottleneck, not a skip
+        out = bottleneck
+        decoded: list[torch.Tensor] = []
+        for j, up in enumerate(self.decoder):  # deepest skip first
+            out = up(out, skips[-1 - j])
+            decoded.append(out)
+        if hasattr(self, "top_block"):  # strided first stage: back to input resolution, the image as the skip
+            out = self.top_block(torch.cat([self.top_up(out), x], dim=1))
+        return out, bottleneck, decoded
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Run the network.
 
         Args:
             x: ``(N, in_channels, *spatial)``; spatial sizes divisible by :attr:`size_divisor`.
 
         Returns:
-            with ``output="seg"`` the seg logits tensor; otherwise a dict with "seg", the enabled heads and,
-            in training mode with deep supervision, "seg_ds".
+            a dict with "seg", the enabled heads and, in training mode with deep supervision, "seg_ds"
+            (a :class:`SegmentationUNet`, i.e. ``output="seg"``, returns the seg logits tensor instead).
         """
-        if not torch.jit.is_tracing():  # shapes are constants in a trace; the check ran in eager mode
-            self.check_input(x)
-        if self.memory_format is not None:
-            x = x.contiguous(memory_format=self.memory_format)
-        skips = []
-        out = x
-        for block in self.encoder[:-1]:
-            out = block(out)
-            skips.append(out)
-        bottleneck = self.encoder[-1](out)
-        out = bottleneck
-        decoded = []
-        for up, skip in zip(self.decoder, reversed(skips), strict=True):
-            out = up(out, skip)
-            decoded.append(out)
-        if self.strided_stem:  # back to input resolution, with the image itself as the skip
-            out = self.top_block(torch.cat([self.top_up(out), x], dim=1))
+        out, bottleneck, decoded = self._trunk(x)
         # outputs leave in the default layout, whatever the internal one: callers may .view() them
-        seg = self.seg_head(out).contiguous()
-        if self.output == "seg":
-            return seg
-        result: dict[str, torch.Tensor | list[torch.Tensor]] = {"seg": seg}
-        if self.deep_supervision and self.training:
+        result: dict[str, torch.Tensor | list[torch.Tensor]] = {"seg": self.seg_head(out).contiguous()}
+        if hasattr(self, "ds_heads") and self.training:
             # highest resolution first: decoded[-2], decoded[-3], ... (decoded[-1], ... with a top stage)
             result["seg_ds"] = [
                 head(decoded[-self._ds_offset - j]).contiguous() for j, head in enumerate(self.ds_heads)
             ]
-        if "cls" in self.heads:
+        if hasattr(self, "cls_head"):
             result["cls"] = self.cls_head(bottleneck)
-        if "boundary" in self.heads:
+        if hasattr(self, "boundary_head"):
             result["boundary"] = torch.tanh(self.boundary_head(out)).contiguous()
         return result
+
+
+class SegmentationUNet(MultiTaskUNet):
+    """A :class:`MultiTaskUNet` whose ``forward`` returns only the segmentation logits ``(N, C, *spatial)``.
+
+    What MONAI's bundle tools and the model zoo expect of a bundle's ``network_def`` (``verify_net_in_out``,
+    ``ckpt_export``, sliding-window segmentation): one tensor out. It builds the same modules as the
+    multi-head network (the auxiliary heads stay, unused), so the same ``model.pt`` loads into either with
+    identical state-dict keys. ``MultiTaskUNet(..., output="seg")`` builds one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Args: x ``(N, in_channels, *spatial)``. Returns: seg logits ``(N, num_classes, *spatial)``."""
+        out, _, _ = self._trunk(x)
+        return self.seg_head(out).contiguous()
 
 
 def check_heads(heads: Sequence[str] | str) -> tuple[str, ...]:
@@ -347,3 +380,8 @@ def _per_level(kernel_size: int | Sequence, depth: int, spatial_dims: int) -> li
     raise ValueError(
         f"kernel_size {list(kernel_size)} is neither one entry per level ({depth}) nor one int per axis"
     )
+
+
+def _as_tuple_text(values: list[int]) -> str:
+    """``[16, 12, 16]`` as ``"(16, 12, 16)"``: Python's tuple text, in code TorchScript compiles."""
+    return "(" + ", ".join([str(v) for v in values]) + ")"
