@@ -38,6 +38,20 @@ def medmtl_cause(err: BaseException | None) -> MedmtlError | None:
     return None
 
 
+def innermost_cause(err: BaseException) -> BaseException:
+    """The exception at the bottom of an explicit ``raise ... from`` chain: what MONAI's wrappers wrapped.
+
+    Args:
+        err: the exception caught.
+
+    Returns:
+        the last ``__cause__`` in the chain (`err` itself when it has none).
+    """
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def error_summary(err: BaseException, *, typed: bool = False, joined: bool = False, limit: int | None = None) -> str:
     """An exception as one line for a user message: the one summary of a library's error that medmtl shows.
 

@@ -15,7 +15,22 @@ from pathlib import Path
 
 from medmtl.errors import MedmtlError
 
-__all__ = ["atomic_write", "temp_name", "stale_temp_files"]
+__all__ = ["atomic_write", "atomic_write_text", "display_path", "temp_name", "stale_temp_files"]
+
+
+def display_path(path: Path | str) -> str:
+    """A path as text that can always be printed and written to JSON.
+
+    File names are bytes on Linux; a name in another encoding (Latin-1 ``caf\\xe9.nii.gz``) reaches Python as
+    lone surrogates, which no UTF-8 stream or file accepts. They are shown as ``\\xe9`` escapes.
+
+    Args:
+        path: the path.
+
+    Returns:
+        valid Unicode text, the same as ``str(path)`` for every UTF-8 name.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def temp_name(path: Path) -> Path:
@@ -76,6 +91,20 @@ def atomic_write(
     if durable:
         _fsync(path.parent)  # the rename itself survives a power loss
     return path
+
+
+def atomic_write_text(path: Path | str, text: str, *, overwrite: bool = True) -> Path:
+    """`atomic_write` of UTF-8 text.
+
+    Args:
+        path: the file to write.
+        text: its content.
+        overwrite: replace an existing file (see `atomic_write`).
+
+    Returns:
+        the path written.
+    """
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def _link_into_place(tmp: Path, path: Path) -> None:

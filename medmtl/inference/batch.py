@@ -1,34 +1,26 @@
-"""The batch run behind `medmtl infer` and the bundles' inference.yaml: find inputs, predict, write, report.
+"""The batch run behind `medmtl infer` and the bundles' inference.yaml: for each input, load, predict, write,
+report.
 
-INPUT may be a NIfTI file, a folder of NIfTI files (top level), one DICOM series folder or a whole export tree
-with many studies and series (found with `discover_series`, chosen with `select_series` and a `SeriesRule`,
-by default the bundle's ``metadata.json`` ``"input_series"``). Every selected input is processed in turn; a
-bad one is recorded with a one-line reason that names it (file path, or series description and short UID)
-and the run goes on with the others.
-
-Each input gets one folder ``OUT/<name>/`` (name: the NIfTI file stem, or ``<SeriesNumber>_<description>_<UID
-tail>`` for a series, made safe by `safe_name`) holding ``seg.nii.gz``, ``seg.dcm`` (DICOM SEG, DICOM inputs
-only), ``probabilities.nii.gz`` and ``boundary.nii.gz`` (with ``save_maps``; channels last) and
-``report.json``, and a hidden ``.medmtl-output`` marker. The files are written into a hidden staging folder
-beside it and the folder is renamed into place at the end, so an input that fails leaves nothing behind.
-Nothing is written inside the input tree, and nothing the run did not write is ever replaced: an existing
-``OUT/<name>`` makes that input fail with one line, and ``overwrite`` replaces only an earlier medmtl output
-(a folder holding the marker, or an earlier version's ``report.json``, and nothing but output files). Each
-format is written on its own: one that cannot be written (a DICOM SEG of a source with broken patient
-attributes) is a warning in the report and the summary, and the others stay.
+The inputs come from `medmtl.inference.inputs` (NIfTI files, DICOM series chosen by a `SeriesRule`), and each
+one's folder ``OUT/<name>/`` is put in place by `medmtl.inference.outputs` (staged, never replacing what medmtl
+did not write). Every input is processed in turn; a bad one is recorded with a one-line reason that names it
+(file path, or series description and short UID) and the run goes on with the others. An input's folder holds
+``seg.nii.gz``, ``seg.dcm`` (DICOM SEG, DICOM inputs only), ``probabilities.nii.gz`` and ``boundary.nii.gz``
+(with ``save_maps``; channels last), ``report.json`` and a hidden ``.medmtl-output`` marker. Each format is
+written on its own: one that cannot be written (a DICOM SEG of a source with broken patient attributes) is a
+warning in the report and the summary, and the others stay.
 
 No patient identifier (PatientName, PatientID, PatientBirthDate, AccessionNumber) is read into names,
-messages or reports: series are named by their description, number and UID.
+messages or reports: series are named by their description, number and UID. The config loading
+(`load_inference_config`, `build_from_config`), the series rule helpers and `OUTPUT_MARKER` are re-exported
+here, where the command line, the bundles and earlier scripts import them.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -36,27 +28,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 import medmtl
-from medmtl.data.checks import read_error_text
-from medmtl.data.dicom import (
-    NOT_DATA_ERRORS,
-    SeriesInfo,
-    SeriesRule,
-    discover_series,
-    load_series,
-    select_series,
+from medmtl.data.dicom import NOT_DATA_ERRORS, SeriesRule
+from medmtl.errors import MedmtlError, error_summary, printable_console
+from medmtl.inference.config import build_from_config, load_inference_config
+from medmtl.inference.inputs import InputItem, find_inputs, load_input, merge_series_rule, series_rule
+from medmtl.inference.outputs import (
+    OUTPUT_MARKER,
+    check_output_dir,
+    prepare_output_dir,
+    publish,
+    refuse_existing,
 )
-from medmtl.data.plausibility import dtype_problem
-from medmtl.errors import MedmtlError, error_summary, medmtl_cause, printable_console
 from medmtl.inference.predictor import Prediction, Predictor
-from medmtl.inference.writers import label_volumes_ml, safe_name, write_dicom_seg, write_nifti, write_report
-from medmtl.quiet import MONAI_READER_NOISE, silenced
+from medmtl.inference.writers import label_volumes_ml, write_dicom_seg, write_nifti, write_report
+from medmtl.io import display_path
 
 __all__ = [
     "FORMATS",
+    "OUTPUT_MARKER",
     "InputItem",
     "Outcome",
     "BatchSummary",
@@ -73,28 +65,6 @@ __all__ = [
 
 FORMATS = ("nifti", "dicom-seg", "report")
 EXIT_FAILED = 1  # as medmtl.cli: the run went through but some inputs failed
-OUTPUT_MARKER = ".medmtl-output"  # in every output folder: what `overwrite` may replace
-# every file medmtl writes into an output folder; a folder holding anything else is the user's
-OUTPUT_FILES = frozenset({"seg.nii.gz", "seg.dcm", "probabilities.nii.gz", "boundary.nii.gz", "report.json"})
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_RULE_KEYS = ("modality", "description", "min_slices", "largest", "series_uid")
-
-
-@dataclass
-class InputItem:
-    """One input of a batch run.
-
-    Attributes:
-        label: how messages name it: the file path, or the series description and short UID.
-        name: its output folder name under OUT (safe, unique within the run).
-        path: the NIfTI file, or the series folder.
-        series: the DICOM series, None for a NIfTI file.
-    """
-
-    label: str
-    name: str
-    path: Path
-    series: SeriesInfo | None = None
 
 
 @dataclass
@@ -157,48 +127,6 @@ class BatchSummary:
 # options
 
 
-def series_rule(spec: Mapping[str, Any] | SeriesRule | None) -> SeriesRule:
-    """A `SeriesRule` from a metadata.json ``"input_series"`` dict (or a rule, passed through).
-
-    Args:
-        spec: keys among modality, description (regular expression), min_slices, largest, series_uid;
-            None or {} selects every series except localizers.
-
-    Returns:
-        the rule.
-
-    Raises:
-        MedmtlError: for an unknown key or an invalid regular expression.
-    """
-    if isinstance(spec, SeriesRule):
-        return spec
-    spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(_RULE_KEYS))
-    if unknown:
-        raise MedmtlError(f"input_series: unknown key(s) {unknown} (known: {list(_RULE_KEYS)})")
-    spec["largest"] = bool(spec.get("largest", False))
-    return SeriesRule(**spec)
-
-
-def merge_series_rule(base: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's series rule with command-line options laid over it.
-
-    Each option that is set replaces the bundle's value for that key; ``series_uid`` names one series
-    exactly and so replaces the whole rule.
-
-    Args:
-        base: the bundle's ``"input_series"`` (or None).
-        overrides: option values; None (and False for ``largest``) means "not given".
-
-    Returns:
-        the merged rule as a dict for `series_rule`.
-    """
-    given = {k: v for k, v in overrides.items() if v is not None and v is not False}
-    if given.get("series_uid"):
-        return {"series_uid": given["series_uid"]}
-    return {**dict(base or {}), **given}
-
-
 def parse_formats(formats: str | Sequence[str] | None) -> list[str]:
     """Output formats from ``"nifti,dicom-seg,report"`` or a list.
 
@@ -222,152 +150,7 @@ def parse_formats(formats: str | Sequence[str] | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def display_path(path: Path | str) -> str:
-    """A path as text that can always be printed and written to JSON.
-
-    File names are bytes on Linux; a name in another encoding (Latin-1 ``caf\\xe9.nii.gz``) reaches Python as
-    lone surrogates, which no UTF-8 stream or file accepts. They are shown as ``\\xe9`` escapes.
-
-    Args:
-        path: the path.
-
-    Returns:
-        valid Unicode text, the same as ``str(path)`` for every UTF-8 name.
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
-
-
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _series_name(series: SeriesInfo) -> str:
-    parts = [str(series.series_number)] if series.series_number is not None else []
-    parts += [series.description or "series", series.series_uid[-8:]]
-    return safe_name("_".join(parts), fallback="series")
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate.lower() in taken:  # case-insensitive: two names must not collide on macOS/Windows
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate.lower())
-    return candidate
-
-
-def _no_match_reason(root: Path, series: Sequence[SeriesInfo], rule: SeriesRule) -> str:
-    shown = ", ".join(
-        f"{s.series_number if s.series_number is not None else '-'} '{s.description}'"
-        + (" (localizer)" if s.is_localizer else "")
-        for s in series[:6]
-    )
-    more = f" and {len(series) - 6} more" if len(series) > 6 else ""
-    return (
-        f"{root}: {len(series)} DICOM series found, none matches the series rule ({rule.describe()}): "
-        f"{shown}{more}; see `medmtl series {root}` and the --modality/--description options"
-    )
-
-
-def find_inputs(input_path: Path | str, rule: SeriesRule | None = None) -> tuple[list[InputItem], list[str]]:
-    """The inputs under INPUT: NIfTI files and the DICOM series that the rule selects.
-
-    Args:
-        input_path: a NIfTI file, a DICOM file, a folder of NIfTI files, a series folder or an export tree.
-        rule: which DICOM series to take (default: every series except localizers).
-
-    Returns:
-        (inputs in a stable order, problems in words): a problem says why not everything could be found,
-        e.g. DICOM series were found but none matches the rule.
-
-    Raises:
-        MedmtlError: INPUT does not exist, or holds no usable input at all (no NIfTI image and no DICOM
-            image series): the run cannot start, as `medmtl series` on such a folder.
-    """
-    root = Path(input_path)
-    rule = rule or SeriesRule()
-    if not root.exists():
-        raise MedmtlError(f"{root}: input not found")
-    taken: set[str] = set()
-    items: list[InputItem] = []
-    if root.is_file() and _is_nifti(root):
-        return [InputItem(label=display_path(root), name=_unique(safe_name(_nifti_stem(root)), taken), path=root)], []
-    niftis = sorted(p for p in root.iterdir() if p.is_file() and _is_nifti(p)) if root.is_dir() else []
-    for path in niftis:
-        items.append(InputItem(display_path(path), _unique(safe_name(_nifti_stem(path)), taken), path))
-    series = discover_series(root)
-    chosen = select_series(series, rule)
-    for s in chosen:
-        items.append(
-            InputItem(label=s.label, name=_unique(_series_name(s), taken), path=s.folder or root, series=s)
-        )
-    if not items and not series:  # nothing usable: a script must tell this from inputs that failed
-        what = "file" if root.is_file() else "folder"
-        raise MedmtlError(
-            f"{root}: no inputs found: the {what} holds no NIfTI image (.nii, .nii.gz) "
-            "and no DICOM image series"
-        )
-    problems = [_no_match_reason(root, series, rule)] if series and not chosen else []
-    return items, problems
-
-
-def _check_output_dir(input_path: Path, output_dir: Path) -> None:
-    """Refuse an output folder inside the input folder (or the input file itself)."""
-    inp, out = input_path.resolve(), output_dir.resolve()
-    if out == inp or (inp.is_dir() and inp in out.parents):
-        raise MedmtlError(
-            f"{output_dir}: the output folder is inside the input {input_path}; choose a folder outside it "
-            "(inputs are never written to)"
-        )
-    if out.exists() and not out.is_dir():
-        raise MedmtlError(f"{output_dir}: exists and is not a folder")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # one input
-
-
-@functools.cache
-def _nifti_loader() -> Any:
-    """One NIfTI loader for the process (building a LoadImage instantiates all of MONAI's readers)."""
-    from monai.data import NibabelReader
-    from monai.transforms import LoadImage
-
-    with silenced(MONAI_READER_NOISE):
-        return LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)
-
-
-def _load(item: InputItem, predictor: Predictor) -> Any:
-    if item.series is not None:
-        # a 3D model needs a volume: refuse a series with too few slices before reading its pixels
-        min_slices = predictor.min_slices if predictor.slice_axis is None and predictor.data_dims == 3 else 1
-        return load_series(item.series, min_slices=min_slices)
-    # the header first, with nibabel alone: LoadImage would try every other reader on a broken file and
-    # report the last one's complaint (a DICOM error for a .nii.gz), and would cast complex data to real
-    try:
-        dtype = nib.load(item.path).get_data_dtype()
-    except Exception as err:  # nibabel raises many types for a foreign or truncated header
-        raise MedmtlError(f"{item.label}: not a readable NIfTI file ({read_error_text(err, item.path)})") from None
-    unusable = dtype_problem(dtype)
-    if unusable:
-        raise MedmtlError(f"{item.label}: {unusable}")
-    try:
-        with silenced(MONAI_READER_NOISE):
-            return _nifti_loader()(str(item.path))
-    except Exception as err:  # truncated voxel data: EOFError, zlib.error, OSError, ...
-        cause = _innermost(err)
-        raise MedmtlError(f"{item.label}: not a readable NIfTI file ({read_error_text(cause, item.path)})") from None
 
 
 def _spacing(affine: np.ndarray, ndim: int) -> list[float]:
@@ -435,63 +218,6 @@ def _write_outputs(
     return written, warnings
 
 
-def is_medmtl_output(folder: Path) -> bool:
-    """Whether `folder` is an earlier medmtl output that `overwrite` may replace.
-
-    It must be a real folder (not a link) holding the `OUTPUT_MARKER` (or, from versions before the marker,
-    a ``report.json`` that names a ``medmtl_version``) and nothing but files medmtl writes: a folder to which
-    anyone added a file of their own is never replaced.
-
-    Args:
-        folder: the existing ``OUT/<name>``.
-
-    Returns:
-        True when replacing it loses nothing but medmtl's own outputs.
-    """
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    entries = list(folder.iterdir())
-    if any(p.name not in OUTPUT_FILES | {OUTPUT_MARKER} or p.is_symlink() or not p.is_file() for p in entries):
-        return False
-    if (folder / OUTPUT_MARKER).is_file():
-        return True
-    try:
-        return "medmtl_version" in json.loads((folder / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def _refuse_existing(item: InputItem, target: Path, overwrite: bool) -> None:
-    """Fail this input when its output folder exists and may not be replaced."""
-    if not (target.exists() or target.is_symlink()):
-        return
-    shown = display_path(target)
-    if not is_medmtl_output(target):
-        raise MedmtlError(
-            f"{item.label}: {shown} exists and is not a medmtl output; it is left as it is "
-            "(choose another --output, or move it)"
-        )
-    if not overwrite:
-        raise MedmtlError(f"{item.label}: {shown} holds an earlier result; pass --overwrite to replace it")
-
-
-def _publish(item: InputItem, staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished staging folder to `target`, replacing only an earlier medmtl result (with `overwrite`)."""
-    _refuse_existing(item, target, overwrite)  # again: something may have appeared there while we computed
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    try:
-        os.rename(staging, target)  # fails on a folder that is not empty: nothing there is ever replaced
-    except OSError as err:
-        if old is not None:
-            os.rename(old, target)
-        raise MedmtlError(f"{item.label}: cannot move the outputs to {display_path(target)} ({err.strerror})") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def process_input(
     item: InputItem,
     predictor: Predictor,
@@ -525,9 +251,11 @@ def process_input(
             raise MedmtlError(
                 f"{item.label}: its output folder {target} would replace the input; choose another"
             )
-        _refuse_existing(item, target, overwrite)  # before the work, not after it
+        refuse_existing(item.label, target, overwrite)  # before the work, not after it
         t0 = time.perf_counter()
-        image = _load(item, predictor)
+        # a 3D model needs a volume: refuse a series with too few slices before reading its pixels
+        min_slices = predictor.min_slices if predictor.slice_axis is None and predictor.data_dims == 3 else 1
+        image = load_input(item, min_slices)
         timings = {"load": time.perf_counter() - t0}
         prediction = predictor.predict(image, name=item.label)
         del image
@@ -558,7 +286,7 @@ def process_input(
         if not files:
             raise MedmtlError("; ".join(warnings) or "no output format applies to this input")
         (staging / OUTPUT_MARKER).write_text(f"medmtl {medmtl.__version__}\n", encoding="utf-8")
-        _publish(item, staging, target, overwrite)
+        publish(item.label, staging, target, overwrite)
         return Outcome(
             item.label, item.name, target, files, seconds=time.perf_counter() - start, volumes_ml=volumes,
             warnings=warnings,
@@ -639,7 +367,7 @@ def run_batch(
     rule = series_rule(rule)
     if not input_path.exists():
         raise MedmtlError(f"{input_path}: input not found")
-    _check_output_dir(input_path, output_dir)
+    check_output_dir(input_path, output_dir)
     progress = (not quiet and sys.stderr.isatty()) if progress is None else bool(progress)
     predictor.progress = progress
     predictor.keep_maps = bool(save_maps)
@@ -647,7 +375,7 @@ def run_batch(
     summary = BatchSummary(input_path=input_path, output_dir=output_dir)
     items, problems = find_inputs(input_path, rule)
     summary.outcomes += [Outcome(str(input_path), reason=p) for p in problems]
-    created = _prepare_output_dir(output_dir) if items else False
+    created = prepare_output_dir(output_dir) if items else False
     bar = None
     if progress and items:
         from tqdm.auto import tqdm
@@ -684,23 +412,6 @@ def run_batch(
     return summary
 
 
-def _prepare_output_dir(output_dir: Path) -> bool:
-    """Create OUT if needed and prove it writable before any input is computed; returns whether it was created."""
-    created = not output_dir.exists()
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as err:
-        if created and output_dir.is_dir():
-            output_dir.rmdir()  # empty: it was made just now
-        raise MedmtlError(
-            f"{display_path(output_dir)}: cannot write in the output folder ({err.strerror or err}); "
-            "nothing was computed"
-        ) from None
-    return created
-
-
 def exit_on_failure(summary: BatchSummary) -> BatchSummary:
     """For ``python -m monai.bundle run``: exit with status 1 when an input failed or none was selected.
 
@@ -713,81 +424,3 @@ def exit_on_failure(summary: BatchSummary) -> BatchSummary:
     if not summary.ok:
         sys.exit(EXIT_FAILED)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the bundle's inference.yaml (for `medmtl infer`; `monai.bundle run` reads it itself)
-
-
-def _innermost(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def load_inference_config(bundle_dir: Path | str, overrides: Mapping[str, Any] | None = None) -> Any:
-    """Read a bundle's ``configs/inference.yaml`` and ``metadata.json`` with MONAI's ConfigParser.
-
-    Args:
-        bundle_dir: the bundle folder (holding ``configs/``); becomes ``bundle_root``.
-        overrides: config ids to values (``"pipeline#patch_size": [32, 32, 32]``), applied as
-            ``monai.bundle run --key value`` would.
-
-    Returns:
-        the `monai.bundle.ConfigParser`, not yet parsed.
-
-    Raises:
-        MedmtlError: the bundle, its inference.yaml or metadata.json is missing or unreadable, or an
-            override names a key that the config does not have.
-    """
-    from monai.bundle import ConfigParser
-
-    bundle_dir = Path(bundle_dir)
-    config, meta = bundle_dir / "configs" / "inference.yaml", bundle_dir / "configs" / "metadata.json"
-    if not bundle_dir.is_dir():
-        raise MedmtlError(f"{bundle_dir}: bundle folder not found")
-    for path in (config, meta):
-        if not path.is_file():
-            raise MedmtlError(f"{path}: not found; is {bundle_dir} a bundle with an inference config?")
-    parser = ConfigParser()
-    try:
-        parser.read_config(str(config))
-        parser.read_meta(str(meta))
-    except Exception as err:  # YAML/JSON syntax errors of several types
-        raise MedmtlError(
-            f"{bundle_dir}: cannot read the bundle's configs ({type(err).__name__}: {err})"
-        ) from None
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in (overrides or {}).items():
-        top = key.split("#")[0]
-        if top not in parser:
-            raise MedmtlError(f"{config}: has no key '{top}' (cannot set '{key}')")
-        parser[key] = value
-    return parser
-
-
-def build_from_config(parser: Any) -> tuple[Predictor, dict[str, Any]]:
-    """Instantiate the config's ``predictor`` and resolve its ``batch`` arguments for `run_batch`.
-
-    Args:
-        parser: from `load_inference_config` (overrides applied).
-
-    Returns:
-        (predictor, keyword arguments of `run_batch`).
-
-    Raises:
-        MedmtlError: from building the predictor (checkpoint missing or not fitting, bad settings), or a
-            config entry that cannot be evaluated (named).
-    """
-    out = []
-    for key in ("predictor", "batch"):
-        try:
-            out.append(parser.get_parsed_content(key))
-        except Exception as err:  # MONAI wraps whatever the config raised in RuntimeErrors
-            cause = medmtl_cause(err)
-            if cause is not None:
-                raise cause from None
-            raise MedmtlError(
-                f"inference config: cannot build '{key}' ({error_summary(_innermost(err), typed=True)})"
-            ) from None
-    return out[0], dict(out[1])
