@@ -132,6 +132,21 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0 if summary.ok else EXIT_FAILED
 
 
+def _cmd_package(args: argparse.Namespace) -> int:
+    from medmtl.packaging import package_bundle
+
+    result = package_bundle(
+        args.bundle, args.model, args.out, metrics_file=args.metrics, with_metrics=not args.no_eval_metrics,
+        weights_url=args.weights_url,
+    )
+    figures = ", ".join(f"{k} {v}" for k, v in result.eval_metrics.items() if k.startswith("mean_"))
+    print(f"bundle: {result.bundle_dir}" + (f" ({figures})" if figures else ""))
+    print(f"zip: {result.zip_file}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from medmtl.tracking import launch_ui
 
@@ -254,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an inference.yaml key (YAML value), e.g. pipeline#patch_size=[32,32,32]")
     add_series_rule_options(p)
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser(
+        "package",
+        help="write a trained bundle the MONAI model zoo accepts (configs, model.pt, model.ts, docs) and a zip",
+        description="Package BUNDLE with a trained checkpoint into OUT: configs with metadata.json carrying the "
+        "installed versions and the run's evaluation figures (RUN/eval/metrics.json, from evaluate.yaml), "
+        "models/model.pt and models/model.ts (TorchScript of network_def), docs and licences; and "
+        "<name>_v<version>.zip beside OUT. Refuses an existing non-empty OUT and a checkpoint that does not fit "
+        "the bundle's network.",
+    )
+    p.add_argument("bundle", type=Path, help="source bundle folder, e.g. bundles/phantom_mtl")
+    p.add_argument("--model", type=Path, required=True, metavar="CKPT",
+                   help="the run's checkpoint, RUN/models/model.pt")
+    p.add_argument("--out", type=Path, required=True, help="new bundle folder (must not exist or be empty)")
+    p.add_argument("--metrics", type=Path, metavar="FILE",
+                   help="evaluation report to take eval_metrics from (default: RUN/eval/metrics.json)")
+    p.add_argument("--no-eval-metrics", action="store_true",
+                   help="leave eval_metrics out of metadata.json instead of requiring an evaluation report")
+    p.add_argument("--weights-url", metavar="URL",
+                   help="folder URL where model.pt and model.ts will be downloadable: writes large_files.yml")
+    p.set_defaults(func=_cmd_package)
 
     p = sub.add_parser(
         "ui",
