@@ -23,19 +23,21 @@ import numpy as np
 
 from medmtl.data.datalist import DATASET_JSON, label_names, load_datalist, read_dataset_json
 from medmtl.data.plausibility import (
+    DIRECTION_ATOL,
+    ORIGIN_ATOL_MM,
     SPACING_RANGE_MM,
+    SPACING_RTOL,
+    affine_differences,
     dtype_problem,
     intensity_problem,
     layout_problem,
+    read_error_text,
     spacing_problem,
 )
-from medmtl.errors import MedmtlError, error_summary
+from medmtl.errors import MedmtlError
 
 logger = logging.getLogger(__name__)
 
-SPACING_RTOL = 1e-3  # relative, on voxel spacing
-DIRECTION_ATOL = 1e-3  # on direction cosines
-ORIGIN_ATOL_MM = 1e-2
 MAX_LISTED = 5  # names shown in one message before "..."
 
 # MSD folders whose files should all be listed somewhere in dataset.json
@@ -156,70 +158,12 @@ def _value_set(values: Sequence) -> str:
     return "{" + ", ".join(str(v) for v in shown) + (", ..." if len(values) > 10 else "") + "}"
 
 
-def read_error_text(err: Exception, path: Path) -> str:
-    """A short reason why nibabel could not read `path`, without the absolute path it puts in its messages.
-
-    Args:
-        err: what nibabel raised.
-        path: the file.
-
-    Returns:
-        one line, e.g. "truncated gzip stream".
-    """
-    if isinstance(err, EOFError):
-        return "truncated gzip stream"
-    text = error_summary(err)
-    text = text.replace(f'"{path}"', path.name).replace(f"'{path}'", path.name).replace(str(path), path.name)
-    if text.startswith("Cannot work out file type"):
-        return "not a NIfTI file, or its header is truncated"
-    return text
-
-
 def _rel(path: str | Path, folder: Path) -> str:
     """The path relative to the dataset folder when inside it (short messages), else as given."""
     try:
         return Path(path).relative_to(folder).as_posix()
     except ValueError:
         return str(path)
-
-
-def affine_differences(
-    reference: np.ndarray,
-    other: np.ndarray,
-    spacing_rtol: float = SPACING_RTOL,
-    direction_atol: float = DIRECTION_ATOL,
-    origin_atol: float = ORIGIN_ATOL_MM,
-) -> list[str]:
-    """Describe how two 4x4 voxel-to-world affines differ beyond tolerance.
-
-    Args:
-        reference: the first affine (e.g. the image's).
-        other: the second affine (e.g. the label's).
-        spacing_rtol: relative tolerance on voxel spacing (column norms).
-        direction_atol: absolute tolerance on direction cosines.
-        origin_atol: absolute tolerance on the origin, in mm.
-
-    Returns:
-        One message per differing part (`spacing`, `direction`, `origin`), reference value first;
-        empty when they agree.
-    """
-    diffs = []
-    ref_spacing = np.linalg.norm(reference[:3, :3], axis=0)
-    oth_spacing = np.linalg.norm(other[:3, :3], axis=0)
-    if not np.allclose(oth_spacing, ref_spacing, rtol=spacing_rtol, atol=0):
-        fmt = "x".join(["{:.4g}"] * 3)
-        diffs.append(f"spacing {fmt.format(*ref_spacing)} vs {fmt.format(*oth_spacing)} mm")
-    else:
-        ref_dir = reference[:3, :3] / np.where(ref_spacing > 0, ref_spacing, 1)
-        oth_dir = other[:3, :3] / np.where(oth_spacing > 0, oth_spacing, 1)
-        worst = float(np.abs(ref_dir - oth_dir).max())
-        if worst > direction_atol:
-            diffs.append(f"direction (largest cosine difference {worst:.3g})")
-    ref_origin, oth_origin = reference[:3, 3], other[:3, 3]
-    if np.abs(ref_origin - oth_origin).max() > origin_atol:
-        fmt = "({:.2f}, {:.2f}, {:.2f})"
-        diffs.append(f"origin {fmt.format(*ref_origin)} vs {fmt.format(*oth_origin)} mm")
-    return diffs
 
 
 def _spatial_ndim(shape: Sequence[int]) -> int:

@@ -3,19 +3,26 @@
 An image that passes them can be normalised, resampled and segmented without silent nonsense: real-valued
 voxels (complex data would lose its imaginary part, RGB has no single intensity), finite intensities of a
 size that float32 statistics survive, and a voxel spacing a scanner can produce. Each rule returns the
-problem in words, or None, so both callers can name the file and word it the same way.
+problem in words, or None, so both callers can name the file and word it the same way; `affine_differences`
+and `read_error_text` word the comparison of two affines and a reader's complaint the same way for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+from medmtl.errors import error_summary
 
 SPACING_RANGE_MM = (0.05, 20.0)  # outside this a header is almost surely wrong (m vs mm, unset pixdim)
 # z-scoring squares intensities in float32 (max 3.4e38): beyond this the statistics overflow; no modality
 # (CT in HU, MR in arbitrary units, PET in Bq/mL) comes near it
 MAX_ABS_INTENSITY = 1e12
+SPACING_RTOL = 1e-3  # relative, on voxel spacing
+DIRECTION_ATOL = 1e-3  # on direction cosines
+ORIGIN_ATOL_MM = 1e-2
 
 
 def dtype_problem(dtype: np.dtype | str) -> str | None:
@@ -96,3 +103,61 @@ def layout_problem(
     if expected_channels is not None and channels != expected_channels:
         return f"{channels} channel(s) where {expected_channels} are expected"
     return None
+
+
+def affine_differences(
+    reference: np.ndarray,
+    other: np.ndarray,
+    spacing_rtol: float = SPACING_RTOL,
+    direction_atol: float = DIRECTION_ATOL,
+    origin_atol: float = ORIGIN_ATOL_MM,
+) -> list[str]:
+    """Describe how two 4x4 voxel-to-world affines differ beyond tolerance.
+
+    Args:
+        reference: the first affine (e.g. the image's).
+        other: the second affine (e.g. the label's).
+        spacing_rtol: relative tolerance on voxel spacing (column norms).
+        direction_atol: absolute tolerance on direction cosines.
+        origin_atol: absolute tolerance on the origin, in mm.
+
+    Returns:
+        One message per differing part (`spacing`, `direction`, `origin`), reference value first;
+        empty when they agree.
+    """
+    diffs = []
+    ref_spacing = np.linalg.norm(reference[:3, :3], axis=0)
+    oth_spacing = np.linalg.norm(other[:3, :3], axis=0)
+    if not np.allclose(oth_spacing, ref_spacing, rtol=spacing_rtol, atol=0):
+        fmt = "x".join(["{:.4g}"] * 3)
+        diffs.append(f"spacing {fmt.format(*ref_spacing)} vs {fmt.format(*oth_spacing)} mm")
+    else:
+        ref_dir = reference[:3, :3] / np.where(ref_spacing > 0, ref_spacing, 1)
+        oth_dir = other[:3, :3] / np.where(oth_spacing > 0, oth_spacing, 1)
+        worst = float(np.abs(ref_dir - oth_dir).max())
+        if worst > direction_atol:
+            diffs.append(f"direction (largest cosine difference {worst:.3g})")
+    ref_origin, oth_origin = reference[:3, 3], other[:3, 3]
+    if np.abs(ref_origin - oth_origin).max() > origin_atol:
+        fmt = "({:.2f}, {:.2f}, {:.2f})"
+        diffs.append(f"origin {fmt.format(*ref_origin)} vs {fmt.format(*oth_origin)} mm")
+    return diffs
+
+
+def read_error_text(err: Exception, path: Path) -> str:
+    """A short reason why nibabel could not read `path`, without the absolute path it puts in its messages.
+
+    Args:
+        err: what nibabel raised.
+        path: the file.
+
+    Returns:
+        one line, e.g. "truncated gzip stream".
+    """
+    if isinstance(err, EOFError):
+        return "truncated gzip stream"
+    text = error_summary(err)
+    text = text.replace(f'"{path}"', path.name).replace(f"'{path}'", path.name).replace(str(path), path.name)
+    if text.startswith("Cannot work out file type"):
+        return "not a NIfTI file, or its header is truncated"
+    return text

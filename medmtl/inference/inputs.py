@@ -18,9 +18,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medmtl.data.checks import read_error_text
 from medmtl.data.dicom import SeriesInfo, SeriesRule, discover_series, load_series, select_series
-from medmtl.data.plausibility import dtype_problem
+from medmtl.data.plausibility import dtype_problem, read_error_text
 from medmtl.errors import MedmtlError, innermost_cause
 from medmtl.inference.writers import safe_name
 from medmtl.io import display_path
