@@ -13,34 +13,37 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pydicom
-from monai.data import MetaTensor, PydicomReader
-from monai.data.utils import orientation_ras_lps
+from highdicom.spatial import create_affine_matrix_from_attributes
+from monai.data import ImageReader, MetaTensor
+from monai.data.utils import affine_to_spacing, orientation_ras_lps
 from monai.transforms import LoadImage
-from monai.utils import MetaKeys, ensure_tuple
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     RLELossless,
 )
 
-from medmtl.data.dicom.headers import _plane, _read_dataset, _rescale, _slice_normal, _slice_thickness
+from medmtl.data.dicom.headers import _plane, _read_dataset, _rescale, _slice_thickness
 from medmtl.data.dicom.info import NOT_DATA_ERRORS, SeriesInfo, _one_line
 from medmtl.errors import MedmtlError
 from medmtl.quiet import MONAI_READER_NOISE, silenced
 
 
-class DicomSeriesReader(PydicomReader):
+class DicomSeriesReader(ImageReader):
     """A MONAI reader that reads a list of DICOM slices as one series, in the order given.
 
-    `PydicomReader` sorts a folder by InstanceNumber and stacks a list of files as channels; this reader
-    stacks the given slices (already ordered along the slice normal by `discover_series`) along the last
-    axis and lets MONAI build the RAS affine from the first and last slice positions. A slice is a classic
-    file, or one frame of a multi-frame file (`frames`, as `SeriesInfo.frame_numbers`), placed by its
+    Built on MONAI's public `ImageReader` interface: `PydicomReader` sorts a folder by InstanceNumber and
+    stacks a list of files as channels, and changing that would mean overriding its private methods. This
+    reader stacks the given slices (already ordered along the slice normal by `discover_series`) along the
+    last axis as (columns, rows, slices). The in-plane affine and a single slice's extent come from
+    highdicom's `create_affine_matrix_from_attributes`; the slice step is the first-to-last position over
+    the slice count, as MONAI's reader takes it; MONAI's `orientation_ras_lps` turns it to RAS. A slice is a
+    classic file, or one frame of a multi-frame file (`frames`, as `SeriesInfo.frame_numbers`), placed by its
     functional groups. Stored values are mapped through RescaleSlope/Intercept (per frame: the Pixel Value
-    Transformation macro) or a Modality LUT. With `swap_ij` the array is (columns, rows, slices).
+    Transformation macro) or a Modality LUT.
 
     Args:
         series_label: how error messages name the series.
@@ -48,9 +51,14 @@ class DicomSeriesReader(PydicomReader):
     """
 
     def __init__(self, series_label: str = "series", frames: Sequence[int] = ()) -> None:
-        super().__init__(channel_dim="no_channel", affine_lps_to_ras=True, swap_ij=True, prune_metadata=True)
+        super().__init__()
         self.series_label = series_label
         self.frames = list(frames)
+        self.filenames: list[str] = []
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        """Any file: this reader is only ever given, explicitly, the files of one discovered series."""
+        return True
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs) -> list[pydicom.Dataset]:
         """Read every file of the series with its pixel data (a multi-frame file once).
@@ -71,18 +79,25 @@ class DicomSeriesReader(PydicomReader):
                 if name in read:
                     continue
                 try:
-                    read[name] = _read_dataset(name, **{**self.kwargs, **kwargs})
+                    read[name] = _read_dataset(name, **kwargs)
                 except Exception as err:  # corrupt files raise many types; all mean "unreadable"
                     raise MedmtlError(
                         f"{self.series_label}: {name}: not a readable DICOM file ({type(err).__name__})"
                     ) from None
-        self.has_series = True  # makes `get_data` combine the datasets as one series
-        self.filenames = [files]
+        self.filenames = files
         return [read[name] for name in files]
 
-    def _combine_dicom_series(self, data, filenames):  # noqa: ANN001 - MONAI's signature
-        """Stack the slices in the order given (MONAI's version re-sorts by InstanceNumber)."""
-        datasets = list(data)
+    def get_data(self, img: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict]:
+        """Stack the slices in the order given, in modality values, with their RAS affine.
+
+        Args:
+            img: the datasets from `read`, one per slice.
+
+        Returns:
+            (float32 array of shape (columns, rows, slices), metadata with ``affine``, ``original_affine``,
+            ``spatial_shape``, ``spacing``, ``space`` and ``original_channel_dim``).
+        """
+        datasets, filenames = list(img), self.filenames
         frames = self.frames or [None] * len(datasets)
         decoded: dict[int, np.ndarray] = {}  # one decode per file, however many of its frames are slices
         arrays = []
@@ -101,16 +116,30 @@ class DicomSeriesReader(PydicomReader):
                 f"{self.series_label}: {filenames[0]}: no valid ImagePositionPatient, ImageOrientationPatient "
                 "or PixelSpacing (changed since discovery?)"
             )
-        metadata: dict[str, Any] = {
+        # (rows, columns, slices) -> (columns, rows, slices): i along a row, as the affine's first column
+        volume = np.ascontiguousarray(np.swapaxes(np.stack(arrays, axis=-1), 0, 1))
+        affine = create_affine_matrix_from_attributes(
+            first[0], first[1], first[2], spacing_between_slices=_slice_thickness(datasets[0], frames[0]),
+            index_convention=("R", "D"), slices_first=False,
+        )  # fmt: skip
+        if len(arrays) > 1:  # the step between slice positions, as MONAI's readers take it
+            affine[:3, 2] = (np.asarray(last[0], float) - np.asarray(first[0], float)) / (len(arrays) - 1)
+        affine = orientation_ras_lps(affine)
+        meta = {
+            MetaKeys.AFFINE: affine,
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: volume.shape,
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
+            "spacing": affine_to_spacing(affine, r=3),
+            # the first slice's geometry tags, as MONAI's PydicomReader leaves them in the metadata
             "00200032": {"vr": "DS", "Value": list(first[0])},
             "00200037": {"vr": "DS", "Value": list(first[1])},
             "00280030": {"vr": "DS", "Value": list(first[2])},
-            "spacing": np.asarray(list(first[2]) + [_slice_thickness(datasets[0], frames[0])]),
         }
-        if len(datasets) > 1:
-            metadata["lastImagePositionPatient"] = np.asarray(last[0], float)
-        metadata[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
-        return np.stack(arrays, axis=-1), metadata
+        if len(arrays) > 1:
+            meta["lastImagePositionPatient"] = np.asarray(last[0], float)
+        return volume, meta
 
     def _stored_frames(self, ds: pydicom.Dataset, filename: str) -> np.ndarray:
         """Decoded stored values, (frames, rows, columns); a decoding failure names the file."""
@@ -155,14 +184,6 @@ class DicomSeriesReader(PydicomReader):
             values = values * np.float32(slope) + np.float32(intercept)
         return values
 
-    def _get_affine(self, metadata: dict, lps_to_ras: bool = True) -> np.ndarray:
-        """MONAI's affine; for a single slice the third column is the normal times the slice thickness."""
-        affine = super()._get_affine(metadata, lps_to_ras=False)
-        shape = metadata.get(MetaKeys.SPATIAL_SHAPE, ())
-        if len(shape) == 3 and shape[-1] == 1 and "00200037" in metadata:
-            affine[:3, 2] = _slice_normal(metadata["00200037"]["Value"]) * metadata["spacing"][2]
-        return orientation_ras_lps(affine) if lps_to_ras else affine
-
 
 @functools.cache
 def _loader() -> LoadImage:
@@ -205,7 +226,7 @@ def load_series(series: SeriesInfo, min_slices: int = 1) -> MetaTensor:
             image = _loader()([str(f) for f in series.files], reader=reader)
     except MedmtlError:
         raise
-    except Exception as err:  # MONAI's affine checks and header values discovery could not foresee
+    except Exception as err:  # the affine's checks (highdicom) and header values discovery could not foresee
         raise MedmtlError(f"{series.label}: cannot load as one volume ({_one_line(err)})") from None
     image.meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = "no_channel"
     image.meta["filename_or_obj"] = str(series.folder)
