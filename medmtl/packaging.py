@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -175,14 +176,21 @@ def _export_torchscript(work: Path, network: Any, patch_size: list[int], in_chan
     from monai.bundle import ckpt_export
 
     ts_file = work / "models" / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts_file),
-        ckpt_file=str(work / "models" / "model.pt"),
-        meta_file=str(work / "configs" / "metadata.json"),
-        config_file=str(work / "configs" / "inference.yaml"),
-        bundle_root=str(work),
-    )
+    # ckpt_export logs its whole input summary at INFO: not news for someone running medmtl package
+    export_log = logging.getLogger("monai.bundle.scripts")
+    level = export_log.level
+    export_log.setLevel(logging.WARNING)
+    try:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(ts_file),
+            ckpt_file=str(work / "models" / "model.pt"),
+            meta_file=str(work / "configs" / "metadata.json"),
+            config_file=str(work / "configs" / "inference.yaml"),
+            bundle_root=str(work),
+        )
+    finally:
+        export_log.setLevel(level)
     exported = torch.jit.load(str(ts_file), map_location="cpu").eval()
     x = torch.rand(1, in_channels, *patch_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
