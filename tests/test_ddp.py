@@ -23,6 +23,7 @@ from ignite.engine import Engine
 
 from medmtl.engine import MultiTaskEvaluation
 from medmtl.engine import distributed as ddp
+from medmtl.errors import MedmtlError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "phantom_mtl" / "configs"
@@ -197,8 +198,10 @@ def test_helpers_in_a_single_process(monkeypatch):
 def test_init_distributed_outside_torchrun_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(SystemExit, match=r"launched with torchrun .* RANK, WORLD_SIZE, LOCAL_RANK"):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # init_distributed installs the one-line hook
+    with pytest.raises(MedmtlError, match=r"launched with torchrun .* RANK, WORLD_SIZE, LOCAL_RANK"):
         ddp.init_distributed()
+    assert getattr(sys.excepthook, "medmtl", False)  # so the message prints as one line
     assert not ddp.is_distributed()
 
 

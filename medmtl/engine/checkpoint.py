@@ -5,9 +5,14 @@ Two files per run, in the bundle's `models/` folder:
 - `last.pt`: everything needed to resume after the last completed epoch (network, optimizer, scheduler,
   loss parameters, trainer epoch/iteration, best metric, MLflow run id, RNG state).
 
-Both are written to a temporary file in the same folder and renamed over the old one, so a crash never
-leaves a truncated file. (MONAI's `CheckpointSaver` writes in place and removes the old file first.) A save
-killed halfway leaves only its hidden temporary file, `.last.pt.<random>.tmp`; the next training removes it.
+Both are written by `medmtl.io.atomic_write` (a temporary file in the same folder, fsynced and renamed over
+the old one), so a crash never leaves a truncated file. A save killed halfway leaves only its hidden
+temporary file, `.last.pt.<random>.tmp.pt`; the next training removes it.
+
+`TrainingCheckpoints` is not ignite's `Checkpoint` + `DiskSaver(atomic=True)` (nor MONAI's `CheckpointSaver`,
+built on them): with fixed file names (`model.pt`, `last.pt`) `Checkpoint` deletes the previous file before it
+writes the new one, so a crash in between leaves no `model.pt` at all; `DiskSaver` fsyncs neither the file
+nor the folder, and its `tmpXXXX` files cannot be told from other files when a killed save leaves one.
 Loading always uses `torch.load(..., weights_only=True)`.
 
 Resuming: bundles give `last.pt` to MONAI's `CheckpointLoader`, which restores everything at the trainer's
@@ -25,24 +30,26 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write
+from medmtl.io import stale_temp_files as io_stale_temp_files
 
 logger = logging.getLogger(__name__)
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint (no saved weights could be read from it)"
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
-    """`torch.save` to a temporary file beside `path`, fsync, then rename it over `path`.
+    """`torch.save` through `medmtl.io.atomic_write`, durable (file and folder fsynced).
 
     A reader (or a process killed at any moment) sees the old file or the new one, never a partial one.
 
@@ -53,47 +60,11 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     Returns:
         the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain torch.save would (umask applies)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss
-    return path
-
-
-@functools.cache
-def _umask() -> int:
-    # os.umask can only be read by setting it: do that once, not on every save of a threaded trainer
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a folder (Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def stale_temp_files(folder: Path | str, names: tuple[str, ...] = ("model.pt", "last.pt")) -> list[Path]:
-    """Temporary files that `atomic_torch_save` leaves when it is killed mid-write (`.<name>.<random>.tmp`).
+    """Temporary files that `atomic_torch_save` leaves when it is killed mid-write (`.<name>.<random>.tmp...`).
 
     They are never read (loaders open only the final names), so they are harmless, only wasted space.
 
@@ -104,11 +75,7 @@ def stale_temp_files(folder: Path | str, names: tuple[str, ...] = ("model.pt", "
     Returns:
         the matching files, sorted.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    patterns = [re.compile(rf"^\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp$") for name in names]
-    return sorted(p for p in folder.iterdir() if p.is_file() and any(r.match(p.name) for r in patterns))
+    return io_stale_temp_files(folder, names)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -151,12 +118,6 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
         # not pickled data at all (a text, image or random file): torch's advice to load it unsafely is wrong
         return NOT_A_CHECKPOINT
     return f"not a weights-only checkpoint ({detail.group(1).strip()})"
-
-
-def is_rank0() -> bool:
-    """True outside distributed training and on its rank 0: the one process that writes files."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -316,7 +277,7 @@ class TrainingCheckpoints:
         Returns:
             the files removed.
         """
-        if not is_rank0():
+        if idist.get_rank() != 0:
             return []
         stale = stale_temp_files(self.ckpt_dir, (self.model_path.name, self.last_path.name))
         for path in stale:
@@ -332,19 +293,19 @@ class TrainingCheckpoints:
         value = evaluator.state.metrics.get(self.key_metric, float("nan"))
         if isinstance(value, float) and not math.isnan(value) and value > self.best_metric:
             self.best_metric, self.best_epoch = float(value), int(evaluator.state.epoch)
-            if not is_rank0():
+            if idist.get_rank() != 0:
                 return
             atomic_torch_save(_unwrap(self.network).state_dict(), self.model_path)
             logger.info(f"epoch {self.best_epoch}: new best {self.key_metric} {value:.4f}, saved {self.model_path}")
 
     def save_last(self, trainer: Engine) -> None:
         """Write `last.pt` with every object needed to resume (rank 0 only in a distributed run)."""
-        if is_rank0():
+        if idist.get_rank() == 0:
             atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.last_path)
 
     def save_final_if_no_best(self, trainer: Engine) -> None:
         """Without any validation result (e.g. validation never ran), keep the final weights as `model.pt`."""
-        if is_rank0() and not self.model_path.exists():
+        if idist.get_rank() == 0 and not self.model_path.exists():
             atomic_torch_save(_unwrap(self.network).state_dict(), self.model_path)
             logger.info(f"no validation result to pick a best model; saved the final weights to {self.model_path}")
 

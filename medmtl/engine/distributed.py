@@ -13,7 +13,8 @@
 - `per_rank_path` gives each rank its own log file; `check_in_sync` confirms at the end that every rank
   holds the same weights; `shutdown` leaves the process group.
 
-Every helper also works in a plain single process (no process group): rank 0 of a world of 1.
+Every helper also works in a plain single process (no process group): rank 0 of a world of 1. Rank, world
+size and gathering are `ignite.distributed`'s (it finds the process group torchrun's workers joined).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine
@@ -32,6 +34,7 @@ from monai.engines.utils import IterationEvents
 from torch.nn.parallel import DistributedDataParallel
 
 from medmtl.engine.loss_terms import LossTermsAverager
+from medmtl.errors import MedmtlError, show_user_errors_as_one_line
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +51,18 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     """This process's global rank; 0 outside distributed training."""
-    return dist.get_rank() if is_distributed() else 0
+    return idist.get_rank()
 
 
 def world_size() -> int:
     """The number of processes; 1 outside distributed training."""
-    return dist.get_world_size() if is_distributed() else 1
+    return idist.get_world_size()
 
 
 def local_rank() -> int:
     """This process's rank on its node (torchrun's `LOCAL_RANK`); 0 outside torchrun."""
+    # Not idist.get_local_rank(): that is 0 until the process group exists, and the device (which
+    # init_distributed binds before joining the group) is chosen from it.
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -80,23 +85,24 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
         this process's device (`local_device()`).
 
     Raises:
-        SystemExit: not launched by torchrun (its environment variables are missing), or LOCAL_RANK names
-            a GPU that this node does not have. SystemExit, not an exception, because MONAI wraps exceptions
-            raised in config expressions in a long traceback.
+        MedmtlError: not launched by torchrun (its environment variables are missing), or LOCAL_RANK names
+            a GPU that this node does not have. Printed as one line: this is the bundle's first
+            `initialize` step, so it installs the one-line error hook that `setup_runtime` would.
     """
     device = local_device()
     if is_distributed():
         return device
+    show_user_errors_as_one_line()
     missing = [name for name in _LAUNCHER_VARIABLES if name not in os.environ]
     if missing:
-        raise SystemExit(
-            f"error: multi_gpu_train.yaml must be launched with torchrun (e.g. `torchrun --nproc_per_node=2 -m "
+        raise MedmtlError(
+            f"multi_gpu_train.yaml must be launched with torchrun (e.g. `torchrun --nproc_per_node=2 -m "
             f"monai.bundle run training ...`); {', '.join(missing)} not set"
         )
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            raise SystemExit(
-                f"error: LOCAL_RANK {device.index} but this node has {torch.cuda.device_count()} CUDA device(s); "
+            raise MedmtlError(
+                f"LOCAL_RANK {device.index} but this node has {torch.cuda.device_count()} CUDA device(s); "
                 "use --nproc_per_node <= the number of GPUs"
             )
         torch.cuda.set_device(device)
@@ -214,11 +220,8 @@ def local_rank0_first(function: Callable[..., T], *args: Any, **kwargs: Any) -> 
 
 def all_gather_objects(obj: T) -> list[T]:
     """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` outside distributed training."""
-    if not is_distributed():
-        return [obj]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    # wrapped in a list: idist.all_gather would concatenate tensors and sum up numbers, not list them
+    return [item[0] for item in idist.all_gather([obj])]
 
 
 def interleave(per_rank: Sequence[Sequence[T]]) -> list[T]:
@@ -277,8 +280,9 @@ def shutdown() -> None:
 
 
 def _barrier() -> None:
-    # NCCL's barrier needs this rank's device; gloo's takes none
+    # NCCL's barrier needs this rank's device, which idist.barrier() does not pass (PyTorch would guess it
+    # from the global rank and warn of a possible hang); gloo's takes none
     if dist.get_backend() == "nccl":
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
-        dist.barrier()
+        idist.barrier()
