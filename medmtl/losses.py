@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
+from medmtl.errors import MedmtlError
 from medmtl.networks.multitask_unet import HEAD_NAMES, check_heads
 
 __all__ = ["DEFAULT_WEIGHTS", "MultiTaskLoss"]
@@ -62,7 +63,7 @@ class MultiTaskLoss(nn.Module):
     Args:
         num_classes: segmentation classes C, background included.
         heads: terms to compute, a subset of ``("seg", "cls", "boundary")`` containing "seg"; a head listed
-            here whose prediction is missing raises ValueError, a prediction not listed is ignored.
+            here whose prediction is missing raises MedmtlError, a prediction not listed is ignored.
         cls_mode: ``"case"`` or ``"presence"``.
         weighting: ``"fixed"`` or ``"uncertainty"``.
         weights: fixed weights per head, merged over :data:`DEFAULT_WEIGHTS`.
@@ -90,12 +91,12 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         self.heads = check_heads(heads)
         if cls_mode not in ("case", "presence"):
-            raise ValueError(f"cls_mode must be 'case' or 'presence', got {cls_mode!r}")
+            raise MedmtlError(f"cls_mode must be 'case' or 'presence', got {cls_mode!r}")
         if weighting not in ("fixed", "uncertainty"):
-            raise ValueError(f"weighting must be 'fixed' or 'uncertainty', got {weighting!r}")
+            raise MedmtlError(f"weighting must be 'fixed' or 'uncertainty', got {weighting!r}")
         unknown = sorted(set(weights or {}) - set(HEAD_NAMES))
         if unknown:
-            raise ValueError(f"weights has unknown head(s) {unknown}; choose from {HEAD_NAMES}")
+            raise MedmtlError(f"weights has unknown head(s) {unknown}; choose from {HEAD_NAMES}")
         self.num_classes = num_classes
         self.cls_mode = cls_mode
         self.weighting = weighting
@@ -129,7 +130,7 @@ class MultiTaskLoss(nn.Module):
         targets = {"label": targets} if isinstance(targets, torch.Tensor) else targets
         missing = [h for h in self.heads if h not in preds]
         if missing:
-            raise ValueError(
+            raise MedmtlError(
                 f"MultiTaskLoss: head(s) {missing} are enabled but the network output has only "
                 f"{sorted(preds)}; switch them off in both the network and the loss"
             )
@@ -177,7 +178,7 @@ class MultiTaskLoss(nn.Module):
 
     def _seg_loss(self, preds: Mapping, targets: Mapping) -> torch.Tensor | None:
         if "label" not in targets:
-            raise ValueError(f"MultiTaskLoss: targets have no 'label' (keys: {sorted(targets)})")
+            raise MedmtlError(f"MultiTaskLoss: targets have no 'label' (keys: {sorted(targets)})")
         label = targets["label"]
         levels = [preds["seg"], *preds.get("seg_ds", [])]
         # a sample without a mask has a label filled with a negative value: Dice+CE over the others only
@@ -190,7 +191,7 @@ class MultiTaskLoss(nn.Module):
             return self.seg_loss(levels[0], label)
         weights = self.seg_loss.weights
         if weights is not None and len(weights) < len(levels):
-            raise ValueError(
+            raise MedmtlError(
                 f"deep_supervision_weights has {len(weights)} weights for {len(levels)} seg outputs "
                 "(full resolution and each seg_ds level)"
             )
@@ -205,9 +206,9 @@ class MultiTaskLoss(nn.Module):
         if self.cls_mode == "presence":
             return self._presence_loss(logits, target)
         if logits.ndim != 2:
-            raise ValueError(f"MultiTaskLoss: cls logits must be (N, K), got shape {tuple(logits.shape)}")
+            raise MedmtlError(f"MultiTaskLoss: cls logits must be (N, K), got shape {tuple(logits.shape)}")
         if target.numel() != logits.shape[0]:
-            raise ValueError(
+            raise MedmtlError(
                 f"MultiTaskLoss: cls target needs one class index per sample ({logits.shape[0]}), "
                 f"got shape {tuple(target.shape)}"
             )
@@ -216,7 +217,7 @@ class MultiTaskLoss(nn.Module):
         if not bool(known.any()):
             return None
         if bool((target >= logits.shape[1]).any()):
-            raise ValueError(
+            raise MedmtlError(
                 f"MultiTaskLoss: cls target {target.tolist()} has a class index >= {logits.shape[1]} "
                 "(the number of cls logits)"
             )
@@ -225,7 +226,7 @@ class MultiTaskLoss(nn.Module):
     def _presence_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
         expected = (logits.shape[0], self.num_classes - 1)
         if tuple(logits.shape) != expected or tuple(target.shape) != expected:
-            raise ValueError(
+            raise MedmtlError(
                 f"MultiTaskLoss: presence mode needs cls logits and targets of shape {expected} "
                 f"(N, num_classes - 1), got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
@@ -239,7 +240,7 @@ class MultiTaskLoss(nn.Module):
         if target is None:
             return None
         if tuple(target.shape) != tuple(pred.shape):
-            raise ValueError(
+            raise MedmtlError(
                 f"MultiTaskLoss: boundary target shape {tuple(target.shape)} does not match the "
                 f"prediction {tuple(pred.shape)} (N, num_classes - 1, *spatial)"
             )

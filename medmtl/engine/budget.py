@@ -5,7 +5,7 @@ variants compared "at the same budget" get the same machine time, and the last c
 epoch. The budget counts wall-clock time by default; `clock="cpu"` counts the process's CPU time divided by
 its compute threads instead, which on a quiet machine equals wall time and on a shared one counts only the
 time the process actually got (benchmarks on a contended machine use it). `StepTimer` measures seconds per
-iteration and the share of it spent waiting for data (ignite's GET_BATCH events), reported per epoch as
+iteration and the share of it spent waiting for data (ignite timers on its GET_BATCH events), reported per epoch as
 `train/sec_per_iter` and `train/data_wait_fraction`.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Timer
 
 
 def _cpu_seconds() -> float:
@@ -94,46 +95,43 @@ class TimeBudget:
 class StepTimer:
     """Seconds per training iteration and the fraction of it spent waiting for the next batch.
 
-    Per epoch it stores `train/sec_per_iter` and `train/data_wait_fraction` in `engine.state.metrics` (the
-    tracker logs every `train/` metric); `summary()` covers the whole run.
+    Two ignite `Timer`s, reset at each epoch: one runs from GET_BATCH_STARTED to ITERATION_COMPLETED (data
+    wait + step, one step per iteration), the other from GET_BATCH_STARTED to GET_BATCH_COMPLETED (data
+    wait). Per epoch it stores `train/sec_per_iter` and `train/data_wait_fraction` in `engine.state.metrics`
+    (the tracker logs every `train/` metric); `summary()` covers the whole run.
     """
 
     def __init__(self) -> None:
         self.iterations = 0
         self.step_s = 0.0
         self.data_s = 0.0
-        self._epoch = [0, 0.0, 0.0]
-        self._t_batch = self._t_iter = 0.0
+        self._iteration = Timer(average=True)
+        self._data = Timer()
 
     def attach(self, engine: Engine) -> None:
         """Time every iteration of `engine`."""
-        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_start)
-        engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_start)
-        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_end)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_end)
+        self._iteration.attach(
+            engine,
+            start=Events.EPOCH_STARTED,
+            resume=Events.GET_BATCH_STARTED,
+            pause=Events.ITERATION_COMPLETED,
+            step=Events.ITERATION_COMPLETED,
+        )
+        self._data.attach(
+            engine, start=Events.EPOCH_STARTED, resume=Events.GET_BATCH_STARTED, pause=Events.GET_BATCH_COMPLETED
+        )
+        # a Timer starts running when it is reset: wait for the first batch instead
+        engine.add_event_handler(Events.EPOCH_STARTED, self._iteration.pause)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._data.pause)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end)
 
-    def _epoch_start(self, engine: Engine) -> None:
-        self._epoch = [0, 0.0, 0.0]
-
-    def _batch_start(self, engine: Engine) -> None:
-        self._t_batch = time.perf_counter()
-
-    def _batch_end(self, engine: Engine) -> None:
-        self._t_iter = time.perf_counter()
-        self._epoch[2] += self._t_iter - self._t_batch
-
-    def _iteration_end(self, engine: Engine) -> None:
-        self._epoch[0] += 1
-        self._epoch[1] += time.perf_counter() - self._t_batch  # data wait + step
-
     def _epoch_end(self, engine: Engine) -> None:
-        n, total, data = self._epoch
+        n, total, data = int(self._iteration.step_count), self._iteration.total, self._data.total
         self.iterations += n
         self.step_s += total
         self.data_s += data
         if n:
-            engine.state.metrics["train/sec_per_iter"] = total / n
+            engine.state.metrics["train/sec_per_iter"] = self._iteration.value()
             engine.state.metrics["train/data_wait_fraction"] = data / total if total else 0.0
 
     def summary(self) -> dict[str, float]:

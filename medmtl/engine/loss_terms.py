@@ -16,6 +16,11 @@ class LossTermsAverager:
     iteration and, at the end of the epoch, stores `train/<term>` means (a term absent all epoch is left out)
     and the learning rate `train/lr`.
 
+    Not one `ignite.metrics.Average` per term: a term is absent (NaN) in the iterations whose batch lacks its
+    target (partially labelled data) and must be averaged over the others only, whereas `Average` counts every
+    update; and the terms are known only once the loss has run, while `Average`'s cross-rank reduction needs
+    the same metrics on every rank from the start (`DistributedLossTermsAverager` gathers sums and counts).
+
     Args:
         loss_function: the loss module, exposing `last_terms: dict[str, float]`.
         prefix: metric name prefix.
