@@ -36,7 +36,9 @@ from typing import Any
 
 from medmtl.errors import MedmtlError
 
-__all__ = ["PackageResult", "installed_versions", "package_bundle", "read_eval_metrics", "write_json"]
+__all__ = [
+    "PackageResult", "installed_versions", "package_bundle", "read_eval_metrics", "write_json", "write_large_files",
+]
 
 #: files and folders of a source bundle that a package never takes: what training runs write there
 _RUN_OUTPUTS = ("models", "eval", "data", "runs", "__pycache__")
@@ -122,10 +124,8 @@ def read_eval_metrics(metrics_file: Path, model: Path) -> dict[str, float]:
     evaluated = report.get("checkpoint")
     if isinstance(evaluated, str) and evaluated:
         path = Path(evaluated)
-        if not path.is_absolute():  # written relative to the evaluation's working directory
-            path = metrics_file.parent.parent / path if not path.exists() else path
-        same = path.exists() and path.resolve() == model.resolve()
-        if not same and not (not path.exists() and path.name == model.name):
+        # a relative path is relative to where the evaluation ran: when it does not resolve here, the name decides
+        if (path.resolve() != model.resolve()) if path.exists() else (path.name != model.name):
             raise MedmtlError(f"{metrics_file}: evaluates {evaluated}, not {model}")
     if metrics_file.stat().st_mtime < model.stat().st_mtime:
         raise MedmtlError(f"{metrics_file}: older than {model}; evaluate the checkpoint again")
@@ -200,8 +200,17 @@ def _export_torchscript(work: Path, network: Any, patch_size: list[int], in_chan
         raise MedmtlError(f"{ts_file}: the exported TorchScript model does not match the eager network")
 
 
-def _large_files(work: Path, weights_url: str) -> None:
-    """The zoo's large_files.yml: where each weights file will be downloaded from, and its SHA-256."""
+def write_large_files(bundle_dir: Path | str, weights_url: str) -> Path:
+    """Write the zoo's ``large_files.yml``: where each weights file will be downloadable, and its SHA-256.
+
+    Args:
+        bundle_dir: a packaged bundle (``models/model.pt`` and ``models/model.ts``).
+        weights_url: the folder URL the two files will be uploaded to.
+
+    Returns:
+        the file written.
+    """
+    work = Path(bundle_dir)
     lines = ["large_files:"]
     for name in ("model.pt", "model.ts"):
         path = work / "models" / name
@@ -211,7 +220,9 @@ def _large_files(work: Path, weights_url: str) -> None:
             f'    hash_val: "{_sha256(path)}"',
             '    hash_type: "sha256"',
         ]
-    (work / "large_files.yml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    target = work / "large_files.yml"
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
 
 
 def _provenance_section(model: Path, meta: Mapping[str, Any], metrics_file: Path | None) -> str:
@@ -279,6 +290,8 @@ def package_bundle(
         raise MedmtlError(f"{zip_file}: exists; choose another --out folder (nothing is ever overwritten)")
 
     parser = load_inference_config(bundle)
+    if "multitask_network_def" not in parser or "network_def" not in parser:
+        raise MedmtlError(f"{bundle}: configs/inference.yaml lacks network_def or multitask_network_def")
     network = parser.get_parsed_content("multitask_network_def")
     seg_network = parser.get_parsed_content("network_def")
     state = _network_state(model, network)  # refuses a checkpoint of another network before anything is written
@@ -324,8 +337,11 @@ def package_bundle(
         in_channels = int(parser.get_parsed_content("network_args#in_channels"))
         _export_torchscript(work, seg_network, patch_size, in_channels)
         if weights_url:
-            _large_files(work, weights_url)
-            notes.append(f"large_files.yml: upload models/model.pt and models/model.ts to {weights_url}")
+            write_large_files(work, weights_url)
+            notes.append(
+                f"large_files.yml: upload models/model.pt and models/model.ts to {weights_url} (the zoo's "
+                "repository takes the bundle without them)"
+            )
         readme = work / "docs" / "README.md"
         if readme.is_file():
             readme.write_text(

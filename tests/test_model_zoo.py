@@ -200,3 +200,19 @@ def test_package_refuses_with_one_line(phantom_run: Path, phantom_package: Path,
     (tmp_path / "bare" / "eval").mkdir()
     (tmp_path / "bare" / "eval" / "metrics.json").write_text(json.dumps({**metrics, "checkpoint": str(other)}))
     assert "evaluates" in refused(bare, tmp_path / "out3")
+
+
+def test_package_without_figures_and_with_a_weights_url(phantom_run: Path, tmp_path: Path, capsys):
+    from monai.apps.utils import check_hash
+    from monai.bundle import ConfigParser
+
+    out = tmp_path / "phantom_mtl"
+    url = "https://example.org/weights/phantom_mtl"
+    assert _package(PHANTOM, phantom_run / "models" / "model.pt", out, "--no-eval-metrics", "--weights-url", url) == 0
+    assert "eval_metrics left out" in capsys.readouterr().out
+    assert "eval_metrics" not in json.loads((out / "configs" / "metadata.json").read_text())
+    entries = ConfigParser.load_config_file(out / "large_files.yml")["large_files"]
+    assert [e["path"] for e in entries] == ["models/model.pt", "models/model.ts"]
+    for entry in entries:
+        assert entry["url"] == f"{url}/{Path(entry['path']).name}" and entry["hash_type"] == "sha256"
+        assert check_hash(out / entry["path"], entry["hash_val"], entry["hash_type"])
