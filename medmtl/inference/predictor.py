@@ -38,7 +38,7 @@ from medmtl.data.pipelines import inference_transforms, validate_config
 from medmtl.data.plausibility import intensity_problem, spacing_problem
 from medmtl.engine.checkpoint import load_checkpoint, network_state
 from medmtl.engine.precision import cpu_bf16_supported
-from medmtl.errors import MedmtlError
+from medmtl.errors import MedmtlError, error_summary
 from medmtl.inference.sliding import MultiHeadInferer
 
 __all__ = ["Prediction", "Predictor", "resolve_device", "mirror_axes_combinations"]
@@ -123,11 +123,6 @@ def _argmax_channels(maps: torch.Tensor) -> torch.Tensor:
         label.masked_fill_(better, c)
         torch.maximum(best, maps[c], out=best)
     return label
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Predictor:
@@ -238,7 +233,7 @@ class Predictor:
         except (RuntimeError, KeyError, TypeError) as err:
             # torch's first line is a heading ("Error(s) in loading state_dict ..."); the next one says what
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            detail = (lines[1] if len(lines) > 1 else _first_line(err))[:240]
+            detail = lines[1][:240] if len(lines) > 1 else error_summary(err, limit=240)
             raise MedmtlError(
                 f"{path}: weights do not fit the bundle's network ({detail}); "
                 "was it trained with this bundle's network_args?"
