@@ -45,6 +45,10 @@ def _ras_order(img: nib.spatialimages.SpatialImage, ndim: int) -> np.ndarray:
     return np.argsort(world_axis)
 
 
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[str, Any]:
     """Summarize a labelled dataset: shapes, spacings, label values and foreground intensities.
 
@@ -57,7 +61,9 @@ def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[
         dict with ``num_cases``, ``spatial_dims``, ``num_channels``, ``median_shape``, ``min_shape``,
         ``max_shape``, ``median_spacing`` (all per axis in RAS order), ``label_values`` (sorted values seen in
         the labels) and ``foreground_intensity``: one dict per channel with ``mean``, ``std``, ``p00_5``,
-        ``p50``, ``p99_5`` over voxels with a nonzero label (empty when no labels were given).
+        ``p50``, ``p99_5`` over voxels with a nonzero label (empty when no labels were given). Also, for
+        planners that need the distributions (``medmtl.planner``): ``shapes`` and ``spacings`` (one list per
+        case, RAS order) and ``label_voxels`` (``{value: voxel count}`` over all labels, keys as strings).
 
     Raises:
         MedmtlError: on an empty datalist, an unreadable file, or a label whose shape differs from its image.
@@ -66,7 +72,7 @@ def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[
     if not items:
         raise MedmtlError("fingerprint: the datalist is empty")
     rng = np.random.default_rng(0)
-    shapes, spacings, label_values = [], [], set()
+    shapes, spacings, label_voxels = [], [], {}
     fg_samples: list[np.ndarray] = []  # (n, channels) per case
     ndim = channels = None
     for item in items:
@@ -92,7 +98,9 @@ def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[
             if tuple(lbl_img.shape[:ndim]) != tuple(img.shape[:ndim]):
                 raise MedmtlError(f"{lpath}: shape {lbl_img.shape} does not match its image {img.shape}")
             lbl = _read(lbl_img, lpath).reshape(img.shape[:ndim])
-            label_values.update(np.unique(lbl).tolist())
+            values, counts = np.unique(lbl, return_counts=True)
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                label_voxels[value] = label_voxels.get(value, 0) + int(count)
             fg = np.flatnonzero(lbl)
             if fg.size:
                 pick = rng.choice(fg, size=min(fg.size, _SAMPLES_PER_CASE), replace=False)
@@ -118,8 +126,11 @@ def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[
         "min_shape": [int(v) for v in shapes_a.min(axis=0)],
         "max_shape": [int(v) for v in shapes_a.max(axis=0)],
         "median_spacing": [float(v) for v in np.median(spacings_a, axis=0)],
-        "label_values": sorted(int(v) if float(v).is_integer() else float(v) for v in label_values),
+        "label_values": sorted(_number(v) for v in label_voxels),
         "foreground_intensity": intensity,
+        "shapes": [[int(v) for v in s] for s in shapes],
+        "spacings": [[float(v) for v in s] for s in spacings],
+        "label_voxels": {str(_number(v)): n for v, n in sorted(label_voxels.items())},
     }
 
 

@@ -1,0 +1,429 @@
+"""`medmtl plan`: fingerprint an MSD dataset once and decide how to train on it, after nnU-Net v2.
+
+The plan is one JSON-able dict::
+
+    {"fingerprint": {...}, "pipeline": {...}, "network_args": {...}, "train": {...}, "why": {...}}
+
+``pipeline`` and ``network_args`` use the keys of the bundles' ``train.yaml`` blocks of the same names
+(``medmtl.data.pipelines.validate_config`` accepts ``pipeline`` as is; ``network_args`` are the keyword
+arguments of ``medmtl.networks.MultiTaskUNet``), so a bundle can read both from ``configs/plans.json``.
+``train`` holds the other training values (batch size, heads, ...), ``why`` one sentence per decision.
+
+The rules follow nnU-Net v2's ``ExperimentPlanner`` (``default_experiment_planner.py``) and
+``get_pool_and_conv_props`` (``network_topology.py``); each function names the rule it implements.
+Differences, all deliberate: shapes are the images' (nnU-Net crops to the nonzero region first); the
+network is medmtl's ``MultiTaskUNet`` (on CPU with the strided first stage of the hand-tuned bundles);
+``monai.data.DatasetSummary`` is not used because it loads every image through a DataLoader, reports
+spacing in file voxel order rather than RAS, and its target-spacing rule lacks nnU-Net's voxel-count
+condition and clamp; ``medmtl.data.planning.fingerprint`` reads each case once with nibabel instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medmtl.data.checks import check_dataset
+from medmtl.data.datalist import label_names, load_datalist, read_dataset_json
+from medmtl.data.planning import fingerprint
+from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write_text
+
+__all__ = [
+    "ANISO_THRESHOLD",
+    "dataset_fingerprint",
+    "feature_map_voxels",
+    "get_pool_and_conv_props",
+    "make_plan",
+    "plan_dataset",
+    "plan_topology",
+    "target_spacing",
+    "write_plans",
+]
+
+PLANS_JSON = "configs/plans.json"
+# nnU-Net v2 ExperimentPlanner constants
+ANISO_THRESHOLD = 3.0
+_REF_VAL = {3: 560_000_000, 2: 85_000_000}  # feature-map voxels of a network that fills the reference GPU
+_REF_GB = 8.0  # ... of this many GB
+_REF_BATCH = {3: 2, 2: 12}  # ... at this batch size
+_MIN_EDGE = 4  # UNet_featuremap_min_edge_length: no pooling below 2x this
+_MIN_BATCH = 2
+_MAX_DATASET_COVERED = 0.05  # one batch covers at most 5% of the dataset's voxels
+_INITIAL_EDGE = {3: 256, 2: 2048}  # initial patch: 256^3 (2048^2) voxels shaped by the spacing
+# per device: (features of the first stage, feature cap 3D, cap 2D, default memory budget GB).
+# GPU is nnU-Net's (32, 320, 512, 8 GB); CPU halves the widths, as the hand-tuned bundles do.
+_DEVICE = {"gpu": (32, 320, 512, 8.0), "cpu": (16, 160, 256, 4.0)}
+
+
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[list[float], str]:
+    """Target voxel spacing: nnU-Net v2 ``determine_fullres_target_spacing``.
+
+    The median spacing per axis; when the data is anisotropic -- the coarsest axis' median spacing is more than
+    ``ANISO_THRESHOLD`` (3) times the finest other axis' AND its median size times 3 is below the smallest other
+    axis' median size (few thick slices) -- that axis takes the 10th percentile of its spacings instead, but no
+    finer than the other axes' coarsest spacing (then that + 1e-5), so resampling does not invent slices.
+
+    Args:
+        spacings: per case, mm per axis (RAS order).
+        shapes: per case, voxels per axis.
+
+    Returns:
+        the target spacing per axis and a sentence saying which branch applied.
+    """
+    sp, sh = np.asarray(spacings, dtype=float), np.asarray(shapes, dtype=float)
+    target = np.percentile(sp, 50, axis=0)
+    size = np.percentile(sh, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    if not others:
+        return [float(v) for v in target], "median spacing"
+    aniso_spacing = target[worst] > ANISO_THRESHOLD * max(target[others])
+    aniso_voxels = size[worst] * ANISO_THRESHOLD < min(size[others])
+    if aniso_spacing and aniso_voxels:
+        low = float(np.percentile(sp[:, worst], 10))
+        if low < max(target[others]):
+            low = max(max(target[others]), low) + 1e-5
+        target[worst] = low
+        why = (f"median spacing, except axis {worst}: anisotropic (spacing ratio > {ANISO_THRESHOLD:g} and few "
+               f"slices), so the 10th percentile of its spacings ({low:.4g} mm) as nnU-Net does")
+    else:
+        why = "median spacing per axis (nnU-Net's rule; not anisotropic by its spacing-and-voxels test)"
+    return [float(v) for v in target], why
+
+
+def get_pool_and_conv_props(
+    spacing: Sequence[float], patch_size: Sequence[int], min_feature_map_size: int = _MIN_EDGE,
+    max_numpool: int = 999_999,
+) -> tuple[list[int], list[list[int]], list[list[int]], list[int], list[int]]:
+    """Pooling and kernel sizes per stage: nnU-Net v2 ``get_pool_and_conv_props``.
+
+    Each stage pools (stride 2) the axes still at least ``2 * min_feature_map_size`` voxels long whose current
+    spacing is within 2x of the finest valid one (a lone valid axis only if at least 3x that long), so coarse
+    axes wait until pooling the fine ones has caught up: anisotropic data gets in-plane-only first strides.
+    A kernel is 3 along an axis once its spacing is within 2x of the finest, 1 before; the bottleneck is 3s.
+
+    Returns:
+        ``(num_pool_per_axis, pool_op_kernel_sizes, conv_kernel_sizes, patch_size, must_be_divisible_by)``:
+        strides per stage (the first all 1s), kernels per stage, the patch padded up to multiples of
+        ``2 ** num_pool_per_axis``.
+    """
+    dim = len(spacing)
+    current_spacing, current_size = [float(s) for s in spacing], [float(s) for s in patch_size]
+    pool_ops, conv_kernels = [[1] * dim], []
+    num_pool, kernel = [0] * dim, [1] * dim
+    while True:
+        valid = [i for i in range(dim) if current_size[i] >= 2 * min_feature_map_size]
+        if not valid:
+            break
+        finest = min(current_spacing[i] for i in valid)
+        valid = [i for i in valid if current_spacing[i] / finest < 2 and num_pool[i] < max_numpool]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * min_feature_map_size:
+            break
+        if not valid:
+            break
+        for d in range(dim):
+            if kernel[d] != 3 and current_spacing[d] / min(current_spacing) < 2:
+                kernel[d] = 3
+        pool = [1] * dim
+        for v in valid:
+            pool[v] = 2
+            num_pool[v] += 1
+            current_spacing[v] *= 2
+            current_size[v] = math.ceil(current_size[v] / 2)
+        pool_ops.append(pool)
+        conv_kernels.append(list(kernel))
+    divisible = [2**n for n in num_pool]
+    padded = [int(math.ceil(s / d) * d) for s, d in zip(patch_size, divisible, strict=True)]
+    conv_kernels.append([3] * dim)
+    return num_pool, pool_ops, conv_kernels, padded, divisible
+
+
+def feature_map_voxels(patch_size: Sequence[int], strides: Sequence[Sequence[int]], features: Sequence[int],
+                       num_classes: int) -> int:
+    """nnU-Net's memory proxy (``compute_conv_feature_map_size`` of its PlainConvUNet, deep supervision on).
+
+    Sums the output elements of every convolution for one sample: two per encoder stage, and per decoder stage
+    the transposed convolution, two convolutions and a segmentation output.
+    """
+    sizes, size = [], np.asarray(patch_size, dtype=np.int64)
+    for stride in strides:
+        size = size // np.asarray(stride)
+        sizes.append(int(np.prod(size)))
+    total = sum(2 * f * n for f, n in zip(features, sizes, strict=True))
+    total += sum((3 * f + num_classes) * n for f, n in zip(features[:-1], sizes[:-1], strict=True))
+    return int(total)
+
+
+def plan_topology(spacing: Sequence[float], median_shape: Sequence[float], num_classes: int, num_cases: int,
+                  memory_gb: float, base_features: int, max_features: int) -> dict[str, Any]:
+    """Patch size, strides, kernels, widths and batch size: nnU-Net v2 ``get_plans_for_configuration``.
+
+    (1) An initial patch of 256^3 (2D: 2048^2) voxels shaped like the inverse spacing (equal mm per axis),
+    clipped to the median shape; (2) ``get_pool_and_conv_props`` on it; (3) while ``feature_map_voxels`` is over
+    the budget (560e6 per 8 GB in 3D, 85e6 in 2D, scaled by ``memory_gb``), the axis with the largest
+    patch/median ratio shrinks by its divisor and the topology is recomputed; (4) batch size = reference batch
+    (2 in 3D, 12 in 2D) x budget / estimate, at most what covers 5% of the dataset's voxels, at least 2.
+    """
+    dim = len(spacing)
+    tmp = 1.0 / np.asarray(spacing, dtype=float)
+    initial = [round(v) for v in tmp * (_INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
+    patch = [int(min(i, m)) for i, m in zip(initial, median_shape, strict=True)]
+
+    def topology(p: Sequence[int]) -> tuple:
+        _, pools, kernels, padded, divisible = get_pool_and_conv_props(spacing, p)
+        features = [min(base_features * 2**i, max_features) for i in range(len(pools))]
+        return pools, kernels, padded, divisible, features
+
+    pools, kernels, patch, divisible, features = topology(patch)
+    budget = _REF_VAL[dim] * memory_gb / _REF_GB
+    estimate = feature_map_voxels(patch, pools, features, num_classes)
+    while estimate > budget:
+        axis = int(np.argsort([p / m for p, m in zip(patch, median_shape, strict=True)])[-1])
+        trial = list(patch)
+        trial[axis] -= divisible[axis]
+        divisible = get_pool_and_conv_props(spacing, trial)[4]
+        patch[axis] -= divisible[axis]
+        if patch[axis] < 1:
+            raise MedmtlError(f"plan: a {memory_gb:g} GB budget is too small for even the smallest patch")
+        pools, kernels, patch, divisible, features = topology(patch)
+        estimate = feature_map_voxels(patch, pools, features, num_classes)
+    batch = round(budget / estimate * _REF_BATCH[dim])
+    coverage = round(float(np.prod(median_shape, dtype=np.float64)) * num_cases * _MAX_DATASET_COVERED
+                     / float(np.prod(patch, dtype=np.float64)))
+    return {
+        "patch_size": [int(v) for v in patch], "pool_op_kernel_sizes": pools, "conv_kernel_sizes": kernels,
+        "features": features, "batch_size": int(max(min(batch, coverage), _MIN_BATCH)),
+        "batch_from_memory": int(batch), "batch_from_coverage": int(coverage),
+        "feature_map_voxels": estimate, "budget_voxels": int(budget),
+    }
+
+
+def _channel_names(meta: dict, channels: int, where: Path) -> list[str]:
+    names = meta.get("modality", meta.get("channel_names"))
+    if names is None:
+        return ["unknown"] * channels
+    if not isinstance(names, dict) or sorted(names) != [str(i) for i in range(channels)]:
+        raise MedmtlError(f"{where}: 'modality' must name each of the images' {channels} channel(s) "
+                          f"as {{\"0\": ...}}, got {names!r}")
+    return [str(names[str(i)]) for i in range(channels)]
+
+
+def _refuse_bad_dataset(folder: Path) -> None:
+    """The checks of ``medmtl check-data``; the first problem as one line."""
+    report = check_dataset(folder)  # raises its own one-line MedmtlError without folder or dataset.json
+    if report.ok:
+        return
+    first = report.problems[0] if report.problems else next(c.format() for c in report.cases if not c.ok)
+    failed = sum(not c.ok for c in report.cases) + len(report.problems)
+    raise MedmtlError(f"{folder}: {first.removeprefix('FAIL ')} ({failed} problem(s); `medmtl check-data "
+                      f"{folder}` prints the full report); nothing was planned")
+
+
+def dataset_fingerprint(dataset_dir: Path | str, check: bool = True) -> dict[str, Any]:
+    """Check an MSD dataset as ``medmtl check-data`` does, then fingerprint its training cases once.
+
+    Args:
+        dataset_dir: the folder holding ``dataset.json``.
+        check: run ``medmtl.data.checks.check_dataset`` first (False: the caller already did).
+
+    Returns:
+        ``medmtl.data.planning.fingerprint`` of the ``training`` section plus ``channel_names`` (from
+        ``modality`` or ``channel_names``), ``label_names``, ``case_classes`` (sorted case-level ``class``
+        values, empty without) and ``num_with_class``.
+
+    Raises:
+        MedmtlError: one line: no folder or ``dataset.json``, or the first problem ``check-data`` reports.
+    """
+    folder = Path(dataset_dir).expanduser().absolute()
+    if check:
+        _refuse_bad_dataset(folder)
+    meta = read_dataset_json(folder)
+    entries = load_datalist(folder, "training")
+    fp = fingerprint(entries)
+    fp["channel_names"] = _channel_names(meta, fp["num_channels"], folder / "dataset.json")
+    fp["label_names"] = {str(k): v for k, v in label_names(meta).items()}
+    classes = [e["class"] for e in entries if e.get("class") is not None]
+    fp["case_classes"] = sorted({int(c) for c in classes})
+    fp["num_with_class"] = len(classes)
+    return fp
+
+
+def _normalization(fp: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """nnU-Net v2 per-channel normalisation: ``CTNormalization`` for channels named CT (clip to the foreground
+    0.5/99.5 percentiles, z-score with the foreground mean and std), ``ZScoreNormalization`` (per image)
+    otherwise. Returns the pipeline keys, the per-channel schemes and why."""
+    stats = fp["foreground_intensity"]
+    channels = []
+    for ch, name in enumerate(fp["channel_names"]):
+        ct = name.casefold() == "ct" and ch < len(stats)
+        entry: dict[str, Any] = {"channel": ch, "modality": name, "scheme": "ct" if ct else "zscore"}
+        if ct:
+            s = stats[ch]
+            entry.update(clip=[s["p00_5"], s["p99_5"]], mean=s["mean"], std=s["std"])
+        channels.append(entry)
+    if all(c["scheme"] == "ct" for c in channels):
+        window = [min(c["clip"][0] for c in channels), max(c["clip"][1] for c in channels)]
+        why = (f"CT: clip to the foreground 0.5/99.5 percentiles {[round(v, 1) for v in window]} HU (nnU-Net's "
+               "CTNormalization); medmtl's 'ct' mode then scales the window to [0, 1] where nnU-Net z-scores "
+               "with the foreground mean/std (train.channel_normalization): the same up to an affine map")
+        return {"normalization": "ct", "ct_window": window, "nonzero": False}, channels, why
+    if any(c["scheme"] == "ct" for c in channels):
+        why = ("mixed CT and other channels: the pipeline has one scheme for all channels, so per-image z-score "
+               "(CT channels' clip windows in train.channel_normalization)")
+    elif any(name.casefold() == "ct" for name in fp["channel_names"]):
+        why = "CT without labelled foreground to take percentiles from: per-image z-score"
+    else:
+        why = "not CT: per-image, per-channel z-score (nnU-Net's ZScoreNormalization)"
+    return {"normalization": "zscore", "nonzero": False}, channels, why
+
+
+def make_plan(fp: dict[str, Any], device: str = "gpu", memory_gb: float | None = None,
+              spatial_dims: int | None = None) -> dict[str, Any]:
+    """Decide spacing, normalisation, network and training values from a ``dataset_fingerprint``.
+
+    Args:
+        fp: ``dataset_fingerprint`` result (needs ``spacings``, ``shapes``, ``label_names``,
+            ``foreground_intensity``, ``channel_names``, ``case_classes``).
+        device: "gpu" (nnU-Net's widths and layout, stride-1 first stage) or "cpu" (half the widths and a
+            strided first stage: the hand-tuned bundles' CPU layout, no convolution at full resolution).
+        memory_gb: memory budget for the activations (default 8 on gpu as nnU-Net, 4 on cpu).
+        spatial_dims: network dimension; None: 3 for volumes unless very anisotropic (see ``why``), else 2.
+
+    Returns:
+        the plan dict (module docstring).
+
+    Raises:
+        MedmtlError: a bad argument (device, memory, spatial_dims for the data).
+    """
+    if device not in _DEVICE:
+        raise MedmtlError(f"plan: device must be 'cpu' or 'gpu', got {device!r}")
+    base, max3, max2, default_gb = _DEVICE[device]
+    gb = default_gb if memory_gb is None else float(memory_gb)
+    if not gb > 0:
+        raise MedmtlError(f"plan: memory must be positive, got {memory_gb} GB")
+    data_dims = int(fp["spatial_dims"])
+    if spatial_dims not in (None, 2, 3) or (spatial_dims == 3 and data_dims == 2):
+        raise MedmtlError(f"plan: spatial_dims {spatial_dims} is not possible for {data_dims}D images")
+    num_classes = max(int(k) for k in fp["label_names"]) + 1
+    num_cases = int(fp["num_cases"])
+    spacing, why_spacing = target_spacing(fp["spacings"], fp["shapes"])
+    shape_at_target = np.median([np.round(np.asarray(s) * np.asarray(sp) / np.asarray(spacing))
+                                 for s, sp in zip(fp["shapes"], fp["spacings"], strict=True)], axis=0)
+    worst = int(np.argmax(spacing))
+    why: dict[str, str] = {"spacing": why_spacing}
+
+    topo3 = None
+    if data_dims == 3:
+        topo3 = plan_topology(spacing, shape_at_target, num_classes, num_cases, gb, base, max3)
+    ratio = max(spacing) / min(spacing)
+    aniso = ratio > ANISO_THRESHOLD and shape_at_target[worst] * ANISO_THRESHOLD < min(
+        np.delete(shape_at_target, worst), default=math.inf)
+    never_pooled = topo3 is not None and all(p[worst] == 1 for p in topo3["pool_op_kernel_sizes"])
+    if spatial_dims is None:
+        dims = 2 if data_dims == 2 or (aniso and never_pooled) else 3
+        why["spatial_dims"] = (
+            "2D images" if data_dims == 2 else
+            f"very anisotropic (ratio {ratio:.3g}, {shape_at_target[worst]:g} slices at target spacing): a 3D "
+            f"network could not pool axis {worst} once, so 2D slices along it" if dims == 2 else
+            "3D: the 3D network pools every axis at least once" + (f" (spacing ratio {ratio:.3g})" if aniso else ""))
+    else:
+        dims = int(spatial_dims)
+        why["spatial_dims"] = f"--spatial-dims {dims}"
+    slice_axis = worst if dims == 2 and data_dims == 3 else None
+    if dims == 3:
+        topo = topo3
+    else:
+        keep = [i for i in range(data_dims) if i != slice_axis]
+        topo = plan_topology([spacing[i] for i in keep], [shape_at_target[i] for i in keep], num_classes,
+                             num_cases, gb, base, max2)
+    assert topo is not None
+
+    pools, kernels = topo["pool_op_kernel_sizes"], topo["conv_kernel_sizes"]
+    if device == "cpu":  # strided first stage: nnU-Net's stages 1.. then a stride-1 bottleneck
+        strides, kernel_size = pools[1:] + [[1] * dims], kernels[1:] + [[3] * dims]
+        filters = topo["features"][: len(strides)]
+        why["network"] = ("cpu: half nnU-Net's widths and a strided first stage (as the hand-tuned bundles: no wide "
+                          "block at full resolution), nnU-Net's strides shifted up one level, stride-1 bottleneck")
+    else:
+        strides, kernel_size, filters = pools, kernels, topo["features"]
+        why["network"] = "gpu: nnU-Net's PlainConvUNet widths (32 doubling to 320/512) and strides"
+    why["strides"] = ("nnU-Net's get_pool_and_conv_props: an axis pools while at least 8 voxels long and within "
+                      "2x of the finest spacing, so coarse axes start pooling later (anisotropic first strides)")
+    median = [float(v) for v in shape_at_target]
+    why["patch_size"] = (
+        f"nnU-Net: {_INITIAL_EDGE[dims]}^{dims} voxels shaped by the spacing, clipped to the median shape at "
+        f"target spacing {median}, padded to the strides; {topo['feature_map_voxels']:.3g} feature-map voxels "
+        f"within the {gb:g} GB budget ({topo['budget_voxels']:.3g})")
+    why["batch_size"] = (f"nnU-Net: {topo['batch_from_memory']} from the memory budget, "
+                         f"{topo['batch_from_coverage']} covers 5% of the dataset's voxels; the smaller, at least "
+                         f"{_MIN_BATCH}")
+
+    norm, channels, why["normalization"] = _normalization(fp)
+    classes = fp.get("case_classes") or []
+    if classes:
+        cls_mode, num_cls = "case", max(max(classes) + 1, 2)
+        why["heads"] = (f"case labels in dataset.json ({fp['num_with_class']} cases, classes {classes}): cls head in "
+                        "'case' mode; boundary for every foreground class")
+    else:
+        cls_mode, num_cls = "presence", num_classes - 1
+        why["heads"] = ("no case labels: cls head in 'presence' mode (one logit per foreground class); boundary "
+                        "for every foreground class")
+    heads = ["seg", "cls", "boundary"]
+    covers = all(p >= m for p, m in zip(topo["patch_size"], [shape_at_target[i] for i in range(data_dims)
+                                                              if i != slice_axis], strict=True))
+    pipeline: dict[str, Any] = {
+        "spatial_dims": dims, "num_classes": num_classes, "patch_size": topo["patch_size"],
+        "spacing": [round(v, 6) for v in spacing],
+        **norm, "cls_mode": cls_mode, "boundary": True,
+        "samples_per_volume": 1 if covers else 2, "pos_fraction": 0.5,
+    }
+    if slice_axis is not None:
+        pipeline["slice_axis"] = slice_axis
+    network_args: dict[str, Any] = {
+        "spatial_dims": dims, "in_channels": int(fp["num_channels"]), "num_classes": num_classes,
+        "filters": filters, "strides": strides, "kernel_size": kernel_size,
+        **({"top_filters": max(4, filters[0] // 2)} if device == "cpu" else {}),
+        "heads": heads, "num_cls_outputs": int(num_cls), "deep_supervision": False,
+        "channels_last": device == "cpu",
+    }
+    summary = {k: v for k, v in fp.items() if k not in ("shapes", "spacings")}
+    total = sum(fp["label_voxels"].values()) or 1
+    summary["label_frequencies"] = {fp["label_names"].get(k, k): n / total for k, n in fp["label_voxels"].items()}
+    summary["median_shape_at_target"] = [float(v) for v in shape_at_target]
+    summary["spacing_p10"] = [float(v) for v in np.percentile(np.asarray(fp["spacings"]), 10, axis=0)]
+    return {
+        "fingerprint": summary,
+        "pipeline": pipeline,
+        "network_args": network_args,
+        "train": {"batch_size": topo["batch_size"], "heads": heads, "num_classes": num_classes, "device": device,
+                  "memory_gb": gb, "channel_normalization": channels,
+                  "feature_map_voxels": topo["feature_map_voxels"]},
+        "why": why,
+    }
+
+
+def plan_dataset(dataset_dir: Path | str, device: str = "gpu", memory_gb: float | None = None,
+                 spatial_dims: int | None = None) -> dict[str, Any]:
+    """``make_plan(dataset_fingerprint(dataset_dir), ...)``: check, fingerprint once, decide."""
+    return make_plan(dataset_fingerprint(dataset_dir), device, memory_gb, spatial_dims)
+
+
+def write_plans(dataset_dir: Path | str, out_dir: Path | str, device: str = "gpu", memory_gb: float | None = None,
+                spatial_dims: int | None = None) -> Path:
+    """Plan ``dataset_dir`` and write ``out_dir/configs/plans.json`` (indent 4).
+
+    Raises:
+        MedmtlError: ``out_dir`` exists and is not an empty folder (nothing is overwritten), or the dataset is
+            refused (``dataset_fingerprint``); nothing is written then.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MedmtlError(f"{out}: exists and is not an empty folder; plan into a new or empty one")
+    plan = plan_dataset(dataset_dir, device, memory_gb, spatial_dims)  # before any write: refusals leave nothing
+    return atomic_write_text(out / PLANS_JSON, json.dumps(plan, indent=4, allow_nan=False) + "\n", overwrite=False)
