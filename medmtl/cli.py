@@ -48,6 +48,15 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from medmtl.planner import write_plans
+
+    path = write_plans(args.dataset_dir, args.out, device=args.device, memory_gb=args.memory_gb,
+                       spatial_dims=args.spatial_dims)
+    print(f"wrote {path}")
+    return 0
+
+
 def _series_rule(args: argparse.Namespace):
     from medmtl.data.dicom import SeriesRule
 
@@ -231,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dataset_dir", type=Path, help="folder holding dataset.json")
     p.set_defaults(func=_cmd_check_data)
+
+    p = sub.add_parser(
+        "plan",
+        help="fingerprint an MSD dataset once and write OUT/configs/plans.json (nnU-Net-style plan)",
+        description="Check DATASET_DIR as check-data does, read every training case once (spacings, shapes, "
+        "foreground intensities, labels, case classes) and decide, with nnU-Net v2's rules, target spacing, "
+        "normalisation, patch size, strides, batch size and heads. Writes OUT/configs/plans.json with the "
+        "bundle's pipeline and network_args blocks and why each value was chosen. OUT must be new or empty.",
+    )
+    p.add_argument("dataset_dir", type=Path, help="folder holding dataset.json")
+    p.add_argument("--out", type=Path, required=True, help="new bundle folder (must be empty or absent)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu",
+                   help="plan the network for a GPU (nnU-Net's widths, default) or a CPU (half widths)")
+    p.add_argument("--memory-gb", type=float, metavar="G",
+                   help="memory budget for activations (default 8 on gpu, as nnU-Net; 4 on cpu)")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3),
+                   help="network dimension (default: 3, or 2 for very anisotropic volumes and 2D images)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "series",
