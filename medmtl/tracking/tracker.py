@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +43,17 @@ from medmtl.tracking.store import _REMOTE_SCHEMES, _experiment_id, _redact
 logger = logging.getLogger(__name__)
 
 NOTE_TAG = "mlflow.note.content"  # the run description shown by the MLflow UI
+
+
+def _add_once(engine: Engine, epoch_completed: Callable, completed: Callable, exception_raised: Callable) -> None:
+    """Add the three handlers of one engine, each once (attaching the tracker twice changes nothing)."""
+    for event, handler in (
+        (Events.EPOCH_COMPLETED, epoch_completed),
+        (Events.COMPLETED, completed),
+        (Events.EXCEPTION_RAISED, exception_raised),
+    ):
+        if not engine.has_event_handler(handler, event):
+            engine.add_event_handler(event, handler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,13 +238,7 @@ class MLflowTracker:
             trainer: the training engine; its epoch is also the step of validation metrics.
         """
         self._trainer = trainer
-        for event, handler in (
-            (Events.EPOCH_COMPLETED, self._on_train_epoch),
-            (Events.COMPLETED, self._on_train_completed),
-            (Events.EXCEPTION_RAISED, self._on_train_exception),
-        ):
-            if not trainer.has_event_handler(handler, event):
-                trainer.add_event_handler(event, handler)
+        _add_once(trainer, self._on_train_epoch, self._on_train_completed, self._on_train_exception)
 
     def attach_evaluator(self, evaluator: Engine) -> None:
         """Log validation metrics, the case table and overlays after each validation round.
@@ -243,13 +248,7 @@ class MLflowTracker:
         Args:
             evaluator: the validation engine (run by the trainer, e.g. via MONAI's ValidationHandler).
         """
-        for event, handler in (
-            (Events.EPOCH_COMPLETED, self._on_validation),
-            (Events.COMPLETED, self._on_eval_completed),
-            (Events.EXCEPTION_RAISED, self._on_eval_exception),
-        ):
-            if not evaluator.has_event_handler(handler, event):
-                evaluator.add_event_handler(event, handler)
+        _add_once(evaluator, self._on_validation, self._on_eval_completed, self._on_eval_exception)
 
     # -- event handlers -------------------------------------------------------------------------------------
 
