@@ -219,10 +219,11 @@ def _refuse_bad_dataset(folder: Path) -> None:
     report = check_dataset(folder)  # raises its own one-line MedmtlError without folder or dataset.json
     if report.ok:
         return
-    first = report.problems[0] if report.problems else next(c.format() for c in report.cases if not c.ok)
-    failed = sum(not c.ok for c in report.cases) + len(report.problems)
-    raise MedmtlError(f"{folder}: {first.removeprefix('FAIL ')} ({failed} problem(s); `medmtl check-data "
-                      f"{folder}` prints the full report); nothing was planned")
+    # check-data's own message for the first problem (it names the file), then how many more there are
+    problems = report.problems + [p for case in report.cases for p in case.problems]
+    more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+    raise MedmtlError(f"{folder}: {problems[0]} (`medmtl check-data {folder}` prints the full report{more}); "
+                      "nothing was planned")
 
 
 def dataset_fingerprint(dataset_dir: Path | str, check: bool = True) -> dict[str, Any]:
