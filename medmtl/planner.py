@@ -250,7 +250,10 @@ def dataset_fingerprint(dataset_dir: Path | str, check: bool = True) -> dict[str
     fp["channel_names"] = _channel_names(meta, fp["num_channels"], folder / "dataset.json")
     fp["label_names"] = {str(k): v for k, v in label_names(meta).items()}
     classes = [e["class"] for e in entries if e.get("class") is not None]
-    fp["case_classes"] = sorted({int(c) for c in classes})
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
+        raise MedmtlError(f"{folder / 'dataset.json'}: case 'class' values must be integers >= 0, got "
+                          f"{sorted({repr(c) for c in classes})[:5]}")
+    fp["case_classes"] = sorted(set(classes))
     fp["num_with_class"] = len(classes)
     return fp
 

@@ -185,6 +185,19 @@ def test_phantom_plan(phantom_dir):
     _check_buildable(plan)
 
 
+def test_2d_images_plan(tmp_path):
+    generate_dataset(tmp_path / "flat", cases=3, size=24, spatial_dims=2)
+    plan = plan_dataset(tmp_path / "flat")
+    # 2D images: a 2D network without slice_axis; 24 -> 12 -> 6 pools twice, patch 24 x 24
+    assert plan["pipeline"]["spatial_dims"] == 2 and "slice_axis" not in plan["pipeline"]
+    assert plan["pipeline"]["spacing"] == [1.0, 1.0] and plan["pipeline"]["patch_size"] == [24, 24]
+    assert plan["network_args"]["strides"] == [[1, 1], [2, 2], [2, 2]]
+    assert plan["network_args"]["filters"] == [32, 64, 128]
+    _check_buildable(plan)
+    with pytest.raises(MedmtlError, match="spatial_dims 3 is not possible for 2D images"):
+        make_plan(_fp_of(tmp_path / "flat"), spatial_dims=3)
+
+
 def test_hippocampus_subset_plan(hippo_subset):
     plan = plan_dataset(hippo_subset)
     # 1 mm; median shape of the five cases 35 x 50 x 35; pools 35 -> 18 -> 9 -> 5 per axis: divisor 8,
