@@ -60,7 +60,11 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     Returns:
         the path written.
     """
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object, as torch.save was always given here
+            torch.save(obj, f)
+
+    return atomic_write(path, save, durable=True)
 
 
 def stale_temp_files(folder: Path | str, names: tuple[str, ...] = ("model.pt", "last.pt")) -> list[Path]:
