@@ -18,7 +18,8 @@ import torch
 from medmtl.cli import main
 from medmtl.data.checks import check_dataset
 from medmtl.data.ct_phantom import generate_ct_dataset
-from medmtl.data.pipelines import validate_config
+from medmtl.data.datalist import load_datalist
+from medmtl.data.pipelines import train_transforms, validate_config
 from medmtl.data.synthetic import generate_dataset
 from medmtl.errors import MedmtlError
 from medmtl.networks import MultiTaskUNet
@@ -110,6 +111,13 @@ def test_ct_phantom_plan(ct_dir):
     assert set(plan["fingerprint"]["label_frequencies"]) == {"background", "organ", "lesion"}
     assert set(plan["why"]) >= {"spacing", "normalization", "patch_size", "strides", "batch_size", "heads"}
     _check_buildable(make_plan(_fp_of(ct_dir), device="cpu"))
+    # the pipeline block runs as planned on the data: resampled to 3.8 mm slices, padded, cropped to the patch,
+    # HU clipped to the window and scaled to [0, 1]
+    item = load_datalist(ct_dir)[0]
+    sample = train_transforms({**plan["pipeline"], "augment": False})(item)[0]
+    assert tuple(sample["image"].shape) == (1, 48, 48, 14) and tuple(sample["boundary"].shape) == (2, 48, 48, 14)
+    assert sample["image"].min() >= 0 and sample["image"].max() <= 1
+    assert sample["image"].pixdim.tolist() == pytest.approx([0.8, 0.8, 3.8])
 
 
 def _fp_of(folder: Path) -> dict:
