@@ -327,7 +327,8 @@ def compare_to_peer(rows: list[dict], step_cost: dict | None, batch_size: int) -
         "epochs": {DEFAULT_VARIANT: default["epochs"], PEER_NAME: peer["epochs"]},
         "sec_per_sample_in_runs": {k: round(v, 4) for k, v in in_runs.items()},
         "sec_per_sample_ratio_in_runs": round(in_runs[DEFAULT_VARIANT] / in_runs[PEER_NAME], 3),
-        "sec_per_sample_ratio_interleaved": (step_cost or {}).get("ratio_to_monai_unet_per_sample", {}).get(
+        # None unless both were timed in one process (arms run as separate invocations are timed apart)
+        "sec_per_sample_ratio_interleaved": ((step_cost or {}).get("ratio_to_monai_unet_per_sample") or {}).get(
             DEFAULT_VARIANT) if DEFAULT_VARIANT in interleaved else None,
     }
 
