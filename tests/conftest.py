@@ -9,6 +9,7 @@ import pydicom
 import pytest
 import torch
 
+from medmtl.data.datalist import read_dataset_json, write_dataset_json
 from medmtl.engine.checkpoint import atomic_torch_save
 from medmtl.inference.batch import load_inference_config
 from medmtl.networks import MultiTaskUNet
@@ -22,6 +23,19 @@ def random_checkpoint(bundle: Path, path: Path) -> Path:
     args = load_inference_config(bundle).get_parsed_content("network_args")
     torch.manual_seed(0)
     return atomic_torch_save(MultiTaskUNet(**args).state_dict(), path)
+
+
+def hippocampus_subset(hippocampus_dir: Path, root: Path, cases: int) -> Path:
+    """An MSD folder at `root` holding symlinks to the first `cases` labelled Task04 cases and its own dataset.json."""
+    meta = read_dataset_json(hippocampus_dir)
+    training = meta["training"][:cases]
+    for item in training:
+        for key in ("image", "label"):
+            link = root / item[key]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((hippocampus_dir / item[key]).resolve())
+    write_dataset_json(root, {**meta, "training": training, "numTraining": cases, "test": [], "numTest": 0})
+    return root
 
 
 def patient_identifiers(root: Path) -> set[str]:

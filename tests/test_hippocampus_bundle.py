@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, hippocampus_subset
 from monai.bundle import ConfigParser
 
-from medmtl.data.datalist import kfold_split, label_names, load_datalist, read_dataset_json, write_dataset_json
+from medmtl.data.datalist import kfold_split, label_names, load_datalist, read_dataset_json
 from medmtl.networks import MultiTaskUNet
 
 BUNDLE = "bundles/hippocampus_mtl"
@@ -41,16 +41,7 @@ def _parse(**overrides: object) -> ConfigParser:
 @pytest.fixture(scope="module")
 def tiny_msd(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MSD folder in tmp holding symlinks to the first six labelled cases and its own dataset.json."""
-    root = tmp_path_factory.mktemp("hippo_tiny")
-    meta = read_dataset_json(hippocampus_dir)
-    training = meta["training"][:NUM_CASES]
-    for item in training:
-        for key in ("image", "label"):
-            link = root / item[key]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((hippocampus_dir / item[key]).resolve())
-    write_dataset_json(root, {**meta, "training": training, "numTraining": NUM_CASES, "test": [], "numTest": 0})
-    return root
+    return hippocampus_subset(hippocampus_dir, tmp_path_factory.mktemp("hippo_tiny"), NUM_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +118,8 @@ def test_patch_size_is_planned_from_the_data_as_documented(hippocampus_dir: Path
 def test_patch_size_override_skips_planning(tmp_path: Path):
     # an explicit patch size reads no data (the dataset_dir does not even exist) and is what MLflow logs
     parser = _parse(dataset_dir=str(tmp_path / "absent"), **{"pipeline#patch_size": [32, 48, 32]})
-    assert parser.get_parsed_content("params")["pipeline"]["patch_size"] == [32, 48, 32]
+    # the tracker logs the resolved value as pipeline.patch_size
+    assert parser.get_parsed_content("pipeline#patch_size") == [32, 48, 32]
     with pytest.raises(RuntimeError):  # while planning does need it
         _parse(dataset_dir=str(tmp_path / "absent")).get_parsed_content("pipeline#patch_size")
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, hippocampus_subset
 
 from medmtl.cli import main
-from medmtl.data.datalist import read_dataset_json, write_dataset_json
 from medmtl.packaging import installed_versions
 
 PHANTOM = REPO_ROOT / "bundles" / "phantom_mtl"
@@ -71,15 +70,7 @@ def phantom_package(phantom_run: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def hippocampus_package(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six hippocampus cases (symlinks), one epoch, evaluated, packaged."""
-    data = tmp_path_factory.mktemp("zoo_hippo_data")
-    meta = read_dataset_json(hippocampus_dir)
-    training = meta["training"][:HIPPO_CASES]
-    for item in training:
-        for key in ("image", "label"):
-            link = data / item[key]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((hippocampus_dir / item[key]).resolve())
-    write_dataset_json(data, {**meta, "training": training, "numTraining": HIPPO_CASES, "test": [], "numTest": 0})
+    data = hippocampus_subset(hippocampus_dir, tmp_path_factory.mktemp("zoo_hippo_data"), HIPPO_CASES)
     run = _train_and_evaluate(HIPPO, tmp_path_factory.mktemp("zoo_hippo_run"), "--dataset_dir", str(data),
                               "--num_folds", "3")  # fmt: skip
     out = tmp_path_factory.mktemp("zoo_hippo_pkg") / "hippocampus_mtl"

@@ -85,7 +85,7 @@ def test_one_mlflow_run_with_params_metrics_and_artifacts(trained):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["max_epochs"] == "2" and params["pipeline.patch_size"] == "[32, 32, 32]"
-    assert params["loss.weighting"] == "fixed" and json.loads(params["heads"]) == ["seg", "cls", "boundary"]
+    assert params["loss_args.weighting"] == "fixed" and json.loads(params["heads"]) == ["seg", "cls", "boundary"]
     metrics = set(run.data.metrics)
     expected = {"train/loss", "train/loss_seg", "train/loss_cls", "train/loss_boundary", "train/weight_seg",
                 "train/weight_cls", "train/weight_boundary", "train/lr", "val/mean_dice", "val/dice_organ",
