@@ -93,18 +93,20 @@ def atomic_write(
     return path
 
 
-def atomic_write_text(path: Path | str, text: str, *, overwrite: bool = True) -> Path:
+def atomic_write_text(path: Path | str, text: str, *, overwrite: bool = True, durable: bool = False) -> Path:
     """`atomic_write` of UTF-8 text.
 
     Args:
         path: the file to write.
         text: its content.
         overwrite: replace an existing file (see `atomic_write`).
+        durable: fsync the file and its folder (see `atomic_write`).
 
     Returns:
         the path written.
     """
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite,
+                        durable=durable)
 
 
 def _link_into_place(tmp: Path, path: Path) -> None:

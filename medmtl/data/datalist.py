@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist, partition_dataset
 
 from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write_text
 
 DATASET_JSON = "dataset.json"
 
@@ -94,23 +94,7 @@ def write_dataset_json(dataset_dir: Path | str, meta: dict) -> Path:
         text = json.dumps(meta, indent=2, default=_json_default, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
         raise MedmtlError(f"{folder / DATASET_JSON}: cannot write the metadata as JSON ({err})") from None
-    path = folder / DATASET_JSON
-    tmp_name = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=folder, prefix=".dataset.", suffix=".json.tmp", delete=False
-        ) as tmp:
-            tmp_name = tmp.name
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except OSError as err:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise MedmtlError(f"{path}: cannot be written ({err.strerror or err})") from None
-    return path
+    return atomic_write_text(folder / DATASET_JSON, text, durable=True)
 
 
 def case_id_from_path(path: str | os.PathLike) -> str:

@@ -32,11 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +45,7 @@ from monai.networks.utils import one_hot
 from torch.utils.data import DistributedSampler
 
 from medmtl.engine import distributed
+from medmtl.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -327,10 +325,4 @@ def write_evaluation_report(engine: Engine, path: str, extra: Mapping[str, Any] 
         "seconds_per_case": clean(seconds / len(cases)) if seconds and cases else None,
         **dict(extra or {}),
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, target)
-    return str(target)
+    return str(atomic_write_text(path, json.dumps(report, indent=2)))
