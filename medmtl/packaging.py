@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from medmtl.errors import MedmtlError
+from medmtl.io import atomic_write
 
 __all__ = [
     "PackageResult", "installed_versions", "package_bundle", "read_eval_metrics", "write_json", "write_large_files",
@@ -360,15 +361,12 @@ def package_bundle(
 
 
 def _zip(folder: Path, zip_file: Path, name: str) -> None:
-    """Zip `folder` with its files under ``<name>/``, written under a temporary name and then renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{zip_file.name}.", dir=zip_file.parent)
-    os.close(fd)
-    try:
+    """Zip `folder` with its files under ``<name>/``, through medmtl's atomic writer (never over a file)."""
+
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.rglob("*")):
                 if path.is_file():
                     archive.write(path, f"{name}/{path.relative_to(folder).as_posix()}")
-        os.replace(tmp, zip_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(zip_file, write, overwrite=False)
