@@ -98,6 +98,16 @@ def test_boundary_consistent_after_flip(cases_3d):
     np.testing.assert_allclose(flipped["boundary"].numpy(), recomputed, atol=1e-5)
 
 
+def test_flip_axes_mirror_only_the_named_axis(cases_3d):
+    # flip_axes [0]: left-right only (after RAS), so anterior and posterior labels keep their places
+    cfg = _cfg(patch_size=24, augment={**FLIP_ONLY, "flip_axes": [0]}, samples_per_volume=1, pos_fraction=1.0)
+    flipped = train_transforms(cfg)(cases_3d[0])[0]
+    plain = val_transforms(cfg)(cases_3d[0])
+    torch.testing.assert_close(flipped["label"], torch.flip(plain["label"], dims=(1,)), check_dtype=False)
+    torch.testing.assert_close(flipped["image"], torch.flip(plain["image"], dims=(1,)), check_dtype=False)
+    assert not torch.equal(flipped["label"].as_tensor(), plain["label"].as_tensor())
+
+
 def test_boundary_signs_survive_crop_and_augmentation(cases_3d):
     tf = train_transforms(_cfg(augment={"affine_prob": 0.0, "flip_prob": 0.5}, samples_per_volume=4))
     for sample in tf(cases_3d[1]):
@@ -243,6 +253,8 @@ def test_bad_label_value_is_reported_with_the_file(cases_3d, tmp_path):
         ({"num_classes": 3, "patch_size": 16, "augment": {"mirror": 1}}, r"unknown key\(s\) \['mirror'\]"),
         ({"num_classes": 3, "patch_size": 16, "augment": {"flip_prob": 2}}, "flip_prob must be a probability"),
         ({"num_classes": 3, "patch_size": 16, "augment": "strong"}, "'augment' must be true, false or a dict"),
+        ({"num_classes": 3, "patch_size": 16, "augment": {"flip_axes": [0, 0]}}, "flip_axes must be null or a list"),
+        ({"num_classes": 3, "patch_size": 16, "augment": {"flip_axes": [3]}}, r"flip_axes \[3\] name an axis beyond"),
     ],
 )
 def test_config_validation_errors(cfg, message):

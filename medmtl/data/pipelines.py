@@ -30,7 +30,8 @@ slice_axis           null       with spatial_dims 2 on 3D volumes: the spatial a
 ==================== ========== =========================================================================
 
 Augmentation keys (``augment`` dict; a probability of 0 switches that augmentation off), nnU-Net-like but
-cheap on CPU: ``flip_prob`` 0.5 (per spatial axis), ``affine_prob`` 0.2 (one rotation + scaling),
+cheap on CPU: ``flip_prob`` 0.5 (per spatial axis), ``flip_axes`` null (every axis; ``[0]``: left-right only
+after RAS reorientation, for anatomy whose labels differ front to back), ``affine_prob`` 0.2 (one rotation + scaling),
 ``rotate_deg`` 15, ``scale`` 0.15 (factor in 1 +- scale), ``intensity_prob`` 0.15, ``intensity_scale`` 0.1
 (multiply by 1 +- it), ``intensity_shift`` 0.1 (add +- it), ``gamma_prob`` 0.15, ``gamma_range`` [0.7, 1.5],
 ``noise_prob`` 0.1, ``noise_std`` 0.1. Spatial augmentations move image, label and boundary together
@@ -113,6 +114,7 @@ _REQUIRED = ("num_classes", "patch_size")
 
 AUGMENT_DEFAULTS: dict[str, Any] = {
     "flip_prob": 0.5,
+    "flip_axes": None,  # spatial axes to mirror (after RAS reorientation: 0 = left-right); None: every axis
     "affine_prob": 0.2,
     "rotate_deg": 15.0,
     "scale": 0.15,
@@ -162,7 +164,12 @@ def _validate_augment(value: Any) -> dict[str, Any] | None:
     aug = {**AUGMENT_DEFAULTS, **value}
     for k in AUGMENT_DEFAULTS:
         v = aug[k]
-        if k == "gamma_range":
+        if k == "flip_axes":
+            if v is not None and not (isinstance(v, (list, tuple)) and v and all(_is_int(a) and a >= 0 for a in v)
+                                      and len(set(v)) == len(v)):
+                raise _fail("augment", f"flip_axes must be null or a list of distinct spatial axes, got {v!r}")
+            aug[k] = None if v is None else [int(a) for a in v]
+        elif k == "gamma_range":
             if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(g) and g > 0 for g in v)
                     and v[0] <= v[1]):
                 raise _fail("augment", f"gamma_range must be [lo, hi] with 0 < lo <= hi, got {v!r}")
@@ -234,6 +241,8 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not _is_num(c["pos_fraction"]) or not 0 <= c["pos_fraction"] <= 1:
         raise _fail("pos_fraction", f"must be a number in [0, 1], got {c['pos_fraction']!r}")
     c["augment"] = _validate_augment(c["augment"])
+    if c["augment"] and any(a >= nd for a in c["augment"]["flip_axes"] or []):
+        raise _fail("augment", f"flip_axes {c['augment']['flip_axes']} name an axis beyond spatial_dims {nd}")
     return c
 
 
@@ -276,7 +285,8 @@ def _augment(c: Mapping[str, Any], keys: Sequence[str]) -> list:
     has_boundary = BOUNDARY in keys
     ts: list = []
     if aug["flip_prob"] > 0:
-        ts += [RandFlipd(keys, prob=aug["flip_prob"], spatial_axis=ax) for ax in range(nd)]
+        axes = range(nd) if aug["flip_axes"] is None else aug["flip_axes"]
+        ts += [RandFlipd(keys, prob=aug["flip_prob"], spatial_axis=ax) for ax in axes]
     if aug["affine_prob"] > 0:
         angle = math.radians(aug["rotate_deg"])
         ts.append(
