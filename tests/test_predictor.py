@@ -179,6 +179,10 @@ def test_2d_network_runs_slice_by_slice_on_volumes():
     image = MetaTensor(torch.from_numpy(values), affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])))
     p = predictor(pipeline=pipeline(spatial_dims=2, slice_axis=2, patch_size=[16, 16]), tta=True)
     assert p.mirror_axes() == (0, 1)
+    # a network trained with flips along its second axis only: TTA mirrors the matching data axis only
+    flipped_y = pipeline(spatial_dims=2, slice_axis=0, patch_size=[16, 16], augment={"flip_axes": [1]})
+    assert predictor(pipeline=flipped_y, tta=True).mirror_axes() == (2,)
+    assert predictor(pipeline=pipeline(augment={"flip_axes": [0]}), tta=True).mirror_axes() == (0,)
     pred = p.predict(image)
     np.testing.assert_array_equal(pred.label, expected_label(values))
 

@@ -9,8 +9,9 @@ Steps, as in nnU-Net's predictor:
    slice by slice for 2D networks);
 4. optionally mirror test-time augmentation (TTA): the input is flipped along every combination of the
    mirrored spatial axes (all 2^n, the identity included; n = 3 for a 3D network, the two in-plane axes
-   for a 2D network run slice by slice), each output is flipped back, and the softmax probabilities,
-   boundary maps and class probabilities (not the logits) are averaged over the passes;
+   for a 2D network run slice by slice; only the pipeline's ``augment.flip_axes`` when it names some), each
+   output is flipped back, and the softmax probabilities, boundary maps and class probabilities (not the
+   logits) are averaged over the passes;
 5. bring the probabilities and boundary maps back to the input grid by inverting the preprocessing with
    MONAI's `Invertd` (the MetaTensor carries the operations applied), then take the argmax there:
    probabilities are resampled, never labels (nnU-Net does the same). When the preprocessing kept the grid
@@ -250,8 +251,14 @@ class Predictor:
         self.inferer.progress = self._progress
 
     def mirror_axes(self) -> tuple[int, ...]:
-        """Spatial axes of the preprocessed volume that TTA mirrors: all, or the in-plane ones (2D-on-3D)."""
-        return tuple(a for a in range(self.data_dims) if a != self.slice_axis)
+        """Spatial axes of the preprocessed volume that TTA mirrors: all, or the in-plane ones (2D-on-3D).
+
+        A pipeline trained with ``augment: {flip_axes: [...]}`` mirrors only those network axes: a model never
+        shown a flip along an axis (anterior-posterior, say) should not be asked to read one at test time.
+        """
+        network_axes = [a for a in range(self.data_dims) if a != self.slice_axis]
+        trained = (self.pipeline["augment"] or {}).get("flip_axes")
+        return tuple(network_axes if trained is None else sorted(network_axes[a] for a in trained))
 
     def settings(self) -> dict[str, Any]:
         """The settings a report should record.
