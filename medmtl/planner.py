@@ -39,7 +39,9 @@ __all__ = [
     "dataset_fingerprint",
     "feature_map_voxels",
     "get_pool_and_conv_props",
+    "load_plans",
     "make_plan",
+    "plan_block",
     "plan_dataset",
     "plan_topology",
     "target_spacing",
@@ -59,6 +61,46 @@ _INITIAL_EDGE = {3: 256, 2: 2048}  # initial patch: 256^3 (2048^2) voxels shaped
 # per device: (features of the first stage, feature cap 3D, cap 2D, default memory budget GB).
 # GPU is nnU-Net's (32, 320, 512, 8 GB); CPU halves the widths, as the hand-tuned bundles do.
 _DEVICE = {"gpu": (32, 320, 512, 8.0), "cpu": (16, 160, 256, 4.0)}
+
+
+def load_plans(path: Path | str) -> dict[str, Any]:
+    """Read a bundle's ``configs/plans.json``: what its configs' ``pipeline`` and ``network_args`` start from.
+
+    The bundles read it once per run (``plans: "$medmtl.planner.load_plans(@bundle_root + '/configs/plans.json')"``),
+    so training, evaluation, multi-GPU training and inference share one copy of the planned values.
+
+    Raises:
+        MedmtlError: one line naming the file: missing, not JSON, or without a ``pipeline`` and a
+            ``network_args`` object.
+    """
+    file = Path(path)
+    try:
+        plans = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedmtlError(f"{file}: not found; `medmtl plan DATASET --out BUNDLE` writes it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MedmtlError(f"{file}: not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(plans, dict):
+        raise MedmtlError(f"{file}: must hold a JSON object, got {type(plans).__name__}")
+    for block in ("pipeline", "network_args"):
+        if not isinstance(plans.get(block), dict):
+            raise MedmtlError(f"{file}: needs a '{block}' object (the bundle's {block} block)")
+    return plans
+
+
+def plan_block(plans: dict[str, Any], block: str, **keys: Any) -> dict[str, Any]:
+    """``plans[block]`` with ``keys`` added or replaced: a bundle config's ``pipeline`` or ``network_args``.
+
+    A config builds the block as a component whose other keys are passed here, so a key written in the yaml
+    (``boundary: "$'boundary' in @heads"``) or given on the command line (``--pipeline#patch_size "[32,48,32]"``)
+    wins over the planned value, and every other planned key is taken as is.
+
+    Raises:
+        MedmtlError: ``plans`` has no ``block`` object.
+    """
+    if not isinstance(plans.get(block), dict):
+        raise MedmtlError(f"plans: no '{block}' block (keys: {sorted(plans)})")
+    return {**plans[block], **keys}
 
 
 def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[list[float], str]:

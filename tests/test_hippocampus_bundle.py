@@ -104,24 +104,24 @@ def test_default_dataset_dir_is_inside_the_bundle():
     assert _parse().get_parsed_content("dataset_dir") == f"{BUNDLE}/data"
 
 
-def test_patch_size_is_planned_from_the_data_as_documented(hippocampus_dir: Path):
-    parser = _parse(dataset_dir=str(hippocampus_dir))
+def test_patch_size_comes_from_plans_json_as_documented(tmp_path: Path):
+    # the plan is read from configs/plans.json: no dataset is read for it (the dataset_dir does not even exist)
+    parser = _parse(dataset_dir=str(tmp_path / "absent"))
+    plans = json.loads((REPO_ROOT / BUNDLE / "configs" / "plans.json").read_text())
     patch = parser.get_parsed_content("pipeline#patch_size")
     divisor = MultiTaskUNet(**parser.get_parsed_content("network_args")).size_divisor
-    assert patch == [40, 56, 40]
-    assert all(p % d == 0 for p, d in zip(patch, divisor, strict=True))
-    assert parser.get_parsed_content("size_divisor") == divisor[0] == 8
+    assert patch == plans["pipeline"]["patch_size"] == [40, 56, 40]
+    assert all(p % d == 0 for p, d in zip(patch, divisor, strict=True)) and divisor[0] == 8
+    assert "fingerprint" not in parser and "size_divisor" not in parser  # nothing planned at train time
     readme = (REPO_ROOT / BUNDLE / "docs" / "README.md").read_text()
     assert re.search(r"40\s*x\s*56\s*x\s*40", readme)
 
 
-def test_patch_size_override_skips_planning(tmp_path: Path):
-    # an explicit patch size reads no data (the dataset_dir does not even exist) and is what MLflow logs
+def test_patch_size_override(tmp_path: Path):
     parser = _parse(dataset_dir=str(tmp_path / "absent"), **{"pipeline#patch_size": [32, 48, 32]})
     # the tracker logs the resolved value as pipeline.patch_size
     assert parser.get_parsed_content("pipeline#patch_size") == [32, 48, 32]
-    with pytest.raises(RuntimeError):  # while planning does need it
-        _parse(dataset_dir=str(tmp_path / "absent")).get_parsed_content("pipeline#patch_size")
+    assert parser.get_parsed_content("pipeline")["patch_size"] == [32, 48, 32]
 
 
 def test_metadata_passes_the_schema_and_matches_the_network(hippocampus_dir: Path):

@@ -80,13 +80,11 @@ def test_inference_config_matches_training(bundle: Path):
     infer = load_inference_config(bundle)
     assert infer.get_parsed_content("network_args") == train.get_parsed_content("network_args")
     pipeline = infer.get_parsed_content("pipeline")
-    for key, value in pipeline.items():
-        if key != "patch_size":  # hippocampus: planned from the data in train.yaml
-            assert value == train.get_parsed_content(f"pipeline#{key}"), key
+    assert pipeline == train.get_parsed_content("pipeline")  # both read configs/plans.json
+    plans = json.loads((bundle / "configs" / "plans.json").read_text())
+    assert pipeline["patch_size"] == plans["pipeline"]["patch_size"]
     if bundle == HIPPO:
         assert pipeline["patch_size"] == [40, 56, 40]
-    else:
-        assert pipeline["patch_size"] == train.get_parsed_content("pipeline#patch_size")
     assert infer.get_parsed_content("ckpt_file") == f"{bundle}/models/model.pt"
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert infer.get_parsed_content("batch#rule") == meta["input_series"]
