@@ -49,11 +49,11 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from medmtl.planner import write_plans
+    from medmtl.planner import write_bundle
 
-    path = write_plans(args.dataset_dir, args.out, device=args.device, memory_gb=args.memory_gb,
+    out = write_bundle(args.dataset_dir, args.out, device=args.device, memory_gb=args.memory_gb,
                        spatial_dims=args.spatial_dims)
-    print(f"wrote {path}")
+    print(f"wrote the bundle {out} (the plan: {out / 'configs' / 'plans.json'}; why: {out / 'docs' / 'README.md'})")
     return 0
 
 
@@ -243,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "plan",
-        help="fingerprint an MSD dataset once and write OUT/configs/plans.json (nnU-Net-style plan)",
+        help="fingerprint an MSD dataset once and write a bundle that trains on it (OUT/configs/plans.json)",
         description="Check DATASET_DIR as check-data does, read every training case once (spacings, shapes, "
         "foreground intensities, labels, case classes) and decide, with nnU-Net v2's rules, target spacing, "
-        "normalisation, patch size, strides, batch size and heads. Writes OUT/configs/plans.json with the "
-        "bundle's pipeline and network_args blocks and why each value was chosen. OUT must be new or empty.",
+        "normalisation, patch size, strides, batch size and heads. Writes a complete bundle into OUT: "
+        "configs/plans.json (the plan: pipeline and network_args, which every config of the bundle reads, and why "
+        "each value was chosen), metadata.json, train.yaml, inference.yaml, evaluate.yaml, multi_gpu_train.yaml, "
+        "docs/README.md and LICENSE. OUT must be new or empty; nothing is overwritten.",
     )
     p.add_argument("dataset_dir", type=Path, help="folder holding dataset.json")
     p.add_argument("--out", type=Path, required=True, help="new bundle folder (must be empty or absent)")

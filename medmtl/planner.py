@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "plan_dataset",
     "plan_topology",
     "target_spacing",
+    "write_bundle",
     "write_plans",
 ]
 
@@ -473,3 +475,225 @@ def write_plans(dataset_dir: Path | str, out_dir: Path | str, device: str = "gpu
         raise MedmtlError(f"{out}: exists and is not an empty folder; plan into a new or empty one")
     plan = plan_dataset(dataset_dir, device, memory_gb, spatial_dims)  # before any write: refusals leave nothing
     return atomic_write_text(out / PLANS_JSON, json.dumps(plan, indent=4, allow_nan=False) + "\n", overwrite=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the planned bundle: the hand-tuned hippocampus bundle's configs with the dataset-specific keys changed
+
+# the template: a bundle for a user-supplied MSD dataset (--dataset_dir, check-data refusals), as a source checkout
+# has it next to the package
+TEMPLATE_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_mtl"
+_TEMPLATE_FILES = ("train.yaml", "inference.yaml", "evaluate.yaml", "multi_gpu_train.yaml", "logging.conf")
+# DICOM Modality of the series `medmtl infer` picks from an export, by dataset.json modality name
+_DICOM_MODALITY = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t1w": "MR", "t2": "MR", "t2w": "MR",
+                   "flair": "MR", "adc": "MR", "dwi": "MR", "pet": "PT", "us": "US"}
+
+
+def _replace_block(text: str, key: str, new: str, where: str) -> str:
+    """Replace the top-level yaml item ``key`` (its line and the indented lines under it) by ``new``."""
+    pattern = re.compile(rf"^{re.escape(key)}:.*\n(?:[ \t]+.*\n)*", re.MULTILINE)
+    if len(pattern.findall(text)) != 1:
+        raise MedmtlError(f"{where}: the template has no single top-level '{key}'; medmtl plan cannot adapt it")
+    return pattern.sub(lambda _: new.rstrip("\n") + "\n", text)
+
+
+def _replace_line(text: str, old: str, new: str, where: str) -> str:
+    """Replace the one line containing ``old`` (a template line the generated bundle must not keep)."""
+    lines = [i for i, line in enumerate(text.splitlines(keepends=True)) if old in line]
+    if len(lines) != 1:
+        raise MedmtlError(f"{where}: the template has {len(lines)} lines with {old!r}; medmtl plan cannot adapt it")
+    out = text.splitlines(keepends=True)
+    out[lines[0]] = new + "\n" if new else ""
+    return "".join(out)
+
+
+def _body(text: str) -> str:
+    """The template config without its header comment (everything before the first item)."""
+    match = re.search(r"^[^#\s]", text, re.MULTILINE)
+    return text[match.start():] if match else text
+
+
+def _yaml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def _bundle_configs(plan: dict[str, Any], name: str, root: str, dataset_dir: Path, dataset: str,
+                    class_names: list[str] | None, template: Path) -> dict[str, str]:
+    """The generated bundle's yaml files, by name: the template's with the dataset-specific items changed."""
+    src = {f: (template / "configs" / f).read_text(encoding="utf-8") for f in _TEMPLATE_FILES}
+    where = str(template / "configs")
+    run = f"python -m monai.bundle run training --config_file {root}/configs/train.yaml"
+    train = _body(src["train.yaml"])
+    # as the hand-written bundles: the bundle's path when it exists from where the run starts, else "."
+    root_expr = f"${root!r} if os.path.isdir({root!r}) else '.'"
+    train = _replace_block(train, "bundle_root", f"bundle_root: {_yaml_str(root_expr)}", where)
+    train = _replace_block(train, "dataset_dir", f"dataset_dir: {_yaml_str(str(dataset_dir))}  # the planned one",
+                           where)
+    train = _replace_block(train, "num_classes", "num_classes: \"$@plans['pipeline']['num_classes']\"", where)
+    train = _replace_block(train, "experiment_name", f"experiment_name: {_yaml_str(name)}", where)
+    train = _replace_block(train, "data_help", "data_help: " + _yaml_str(
+        f"this bundle was planned on {dataset_dir} (medmtl plan): pass an MSD folder with the same labels and "
+        "channels with --dataset_dir /path/to/dataset"), where)
+    train = re.sub(r"^  dataset: .*$", f"  dataset: {_yaml_str(dataset)}", train, count=1, flags=re.MULTILINE)
+    train = _replace_line(train, "  # fold 0 of 5 with seed 0", "", where)
+    train = _replace_line(train, "  patch_size: \"$@plans['pipeline']['patch_size']\"",
+                          "  patch_size: \"$@plans['pipeline']['patch_size']\"", where)
+    train = _replace_line(train, "  cls_mode: \"$@plans['pipeline']['cls_mode']\"",
+                          "  cls_mode: \"$@plans['pipeline']['cls_mode']\"", where)
+    train = (f"# Multi-task training on {dataset}, planned by `medmtl plan` (configs/plans.json; docs/README.md says\n"
+             f"# what was planned and why). From the folder above the bundle:\n#\n#   {run}\n"
+             "#   ... --max_epochs 2 --output_dir X --fold 1 --dataset_dir D       (overrides)\n#\n"
+             "# Everything the run writes goes under output_dir (default: this bundle's models/ and eval/); a run\n"
+             "# resumes from models/last.pt when it exists (--resume false starts over).\n\n" + train)
+
+    infer = _body(src["inference.yaml"])
+    infer = _replace_block(infer, "num_classes", "num_classes: \"$@plans['pipeline']['num_classes']\"", where)
+    infer = _replace_block(infer, "class_names", "class_names: " + (
+        json.dumps(class_names) + "  # dataset.json \"classes\"" if class_names else "null"), where)
+    infer = (f"# Inference with the bundle planned on {dataset}: a NIfTI file, a folder of NIfTI files, one DICOM\n"
+             "# series or a whole scanner export (series chosen by metadata.json \"input_series\").\n#\n"
+             f"#   medmtl infer <input> --bundle {root} --output out/\n#\n"
+             "# Self-contained: no dataset is read; patch size, spacing, normalisation and network come from\n"
+             "# configs/plans.json, which train.yaml reads too.\n\n" + infer)
+
+    configs = {"train.yaml": train, "inference.yaml": infer, "logging.conf": src["logging.conf"]}
+    for f in ("evaluate.yaml", "multi_gpu_train.yaml"):
+        text = src[f].replace(str(template.relative_to(template.parents[1])), root)
+        configs[f] = re.sub(r"^#\s+--dataset_dir \S*Task04\S*\n", "", text, flags=re.MULTILINE)
+    configs["multi_gpu_train.yaml"] = configs["multi_gpu_train.yaml"].replace("\" \\\n", "\"\n")
+    for f, text in configs.items():  # nothing of the template's dataset may remain
+        left = re.search(r".*(task04|hippocamp|anterior).*", text, re.IGNORECASE)
+        if left:
+            raise MedmtlError(f"{where}/{f}: template line not adapted to the new dataset: {left.group(0).strip()!r}")
+    return configs
+
+
+def _metadata(plan: dict[str, Any], name: str, dataset: str, meta: dict, template: Path) -> str:
+    """metadata.json: the template's, with the dataset's name, channels, labels and shapes."""
+    md = json.loads((template / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    pipe, net, fp = plan["pipeline"], plan["network_args"], plan["fingerprint"]
+    labels = {str(k): v for k, v in sorted(fp["label_names"].items(), key=lambda kv: int(kv[0]))}
+    channels = fp["channel_names"]
+    modalities = sorted({_DICOM_MODALITY.get(c.casefold(), "") for c in channels} - {""})
+    strides = [[s] * net["spatial_dims"] if isinstance(s, int) else s for s in net["strides"]]
+    divisor = [math.prod(s[i] for s in strides) for i in range(net["spatial_dims"])]
+    shape = [f"{d}*n+{d}" for d in divisor]
+    label_text = ", ".join(f"{k} {v}" for k, v in labels.items())
+    md.update(
+        version="0.1.0",
+        changelog={"0.1.0": f"planned by medmtl plan on {dataset}"},
+        name=name,
+        task=f"Multi-task segmentation of {dataset}: {', '.join(list(labels.values())[1:])}",
+        description=(f"A {pipe['spatial_dims']}D U-Net with segmentation, classification ({pipe['cls_mode']}) and "
+                     f"boundary heads, planned by `medmtl plan` on {dataset} ({fp['num_cases']} training cases): "
+                     "configs/plans.json holds the plan, docs/README.md the reasons."),
+        data_source=str(meta.get("reference") or meta.get("description") or dataset),
+        image_classes=f"{len(channels)} channel(s): {', '.join(channels)}; normalisation {pipe['normalization']}",
+        label_classes=f"single channel: {label_text}",
+        pred_classes=f"{len(labels)} channels of segmentation logits: {', '.join(labels.values())}",
+        intended_use="Research; trained on a user-supplied dataset; not for clinical use",
+        input_series={"modality": modalities[0]} if len(modalities) == 1 else {},
+    )
+    md.pop("eval_metrics", None)
+    fmt = md["network_data_format"]
+    fmt["inputs"]["image"].update(
+        format="hounsfield" if modalities == ["CT"] else "magnitude", modality=modalities[0] if modalities else "n/a",
+        num_channels=len(channels), spatial_shape=shape, channel_def={str(i): c for i, c in enumerate(channels)})
+    fmt["outputs"]["pred"].update(num_channels=len(labels), spatial_shape=shape, channel_def=labels)
+    return json.dumps(md, indent=4) + "\n"
+
+
+def _readme(plan: dict[str, Any], name: str, dataset: str, dataset_dir: Path, root: str) -> str:
+    """docs/README.md: what was planned and why, and how to train, evaluate and run it."""
+    pipe, net, fp, why = plan["pipeline"], plan["network_args"], plan["fingerprint"], plan["why"]
+    rows = [("spacing (mm)", pipe["spacing"]), ("normalisation", pipe["normalization"] + (
+        f", window {[round(v, 1) for v in pipe['ct_window']]}" if pipe.get("ct_window") else "")),
+        ("spatial dims", pipe["spatial_dims"]), ("patch size", pipe["patch_size"]),
+        ("strides", net["strides"]), ("filters", net["filters"]), ("batch size", plan["train"]["batch_size"]),
+        ("heads", f"{', '.join(net['heads'])} (cls mode {pipe['cls_mode']})")]
+    table = "\n".join(f"| {k} | `{json.dumps(v) if not isinstance(v, str) else v}` |" for k, v in rows)
+    reasons = "\n".join(f"- **{k}**: {v}" for k, v in why.items())
+    return f"""# {name}
+
+Planned by `medmtl plan` on **{dataset}** (`{dataset_dir}`, {fp['num_cases']} training cases, channels
+{', '.join(fp['channel_names'])}), after nnU-Net v2's rules, for a {plan['train']['device'].upper()}
+({plan['train']['memory_gb']:g} GB activation budget).
+
+## The plan
+
+`configs/plans.json` holds it: `pipeline` and `network_args` are what `train.yaml`, `evaluate.yaml`,
+`multi_gpu_train.yaml` and `inference.yaml` build their blocks from (a key written in a config, or given on the
+command line as `--pipeline#patch_size "[...]"`, wins), `train` the other training values, `fingerprint` the
+dataset summary it was planned from, `why` the reasons below. Edit `plans.json` to change the plan for training
+and inference alike; say why under a `"hand_edits"` key.
+
+| decision | value |
+|---|---|
+{table}
+
+{reasons}
+
+## Train, evaluate, run
+
+    python -m monai.bundle run training --config_file {root}/configs/train.yaml
+    python -m monai.bundle run evaluating --config_file "['{root}/configs/train.yaml','{root}/configs/evaluate.yaml']"
+    medmtl infer <input> --bundle {root} --output out/
+
+The training reads `{dataset_dir}` (`--dataset_dir` points it elsewhere) and writes `models/model.pt`.
+
+## License
+
+The configs are Apache-2.0 (`LICENSE`); the dataset and any weights trained on it are under the dataset's own terms.
+"""
+
+
+def write_bundle(dataset_dir: Path | str, out_dir: Path | str, device: str = "gpu", memory_gb: float | None = None,
+                 spatial_dims: int | None = None, template: Path | str | None = None) -> Path:
+    """Plan ``dataset_dir`` and write a complete bundle into ``out_dir`` (new or empty).
+
+    The bundle has the layout of the hand-written ones: ``configs/`` (``plans.json``, ``metadata.json``,
+    ``train.yaml``, ``inference.yaml``, ``evaluate.yaml``, ``multi_gpu_train.yaml``, ``logging.conf``),
+    ``docs/README.md`` (the plan and why) and ``LICENSE``. The yaml files are the template bundle's (default
+    ``bundles/hippocampus_mtl``) with its dataset-specific items changed; they read ``pipeline`` and
+    ``network_args`` from ``plans.json``.
+
+    Args:
+        dataset_dir: the MSD folder (holding ``dataset.json``).
+        out_dir: the new bundle folder; its name becomes the bundle's name.
+        device, memory_gb, spatial_dims: see ``make_plan``.
+        template: the bundle to copy the configs from.
+
+    Returns:
+        the bundle folder.
+
+    Raises:
+        MedmtlError: ``out_dir`` exists and is not an empty folder, the dataset is refused (the checks of
+            ``medmtl check-data``), or the template is missing; nothing is written then.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MedmtlError(f"{out}: exists and is not an empty folder; plan into a new or empty one")
+    tpl = Path(template) if template is not None else TEMPLATE_BUNDLE
+    if not all((tpl / "configs" / f).is_file() for f in (*_TEMPLATE_FILES, "metadata.json")):
+        raise MedmtlError(f"{tpl}: template bundle not found (medmtl plan copies its configs; it needs a source "
+                          "checkout of medmtl)")
+    folder = Path(dataset_dir).expanduser().absolute()
+    plan = plan_dataset(folder, device, memory_gb, spatial_dims)  # refusals before any write
+    meta = read_dataset_json(folder)
+    dataset = str(meta.get("name") or folder.name)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", out.absolute().name)
+    root = out.as_posix()
+    classes = meta.get("classes")
+    class_names = ([str(classes[k]) for k in sorted(classes, key=int)] if isinstance(classes, dict)
+                   and plan["pipeline"]["cls_mode"] == "case" else None)
+    plans = {"notes": f"planned by `medmtl plan {folder}` (device {device}); edit to change the plan for training "
+                      "and inference alike, and say why under \"hand_edits\"", **plan}
+    files = {f"configs/{f}": text for f, text in
+             _bundle_configs(plan, name, root, folder, dataset, class_names, tpl).items()}
+    files["configs/plans.json"] = json.dumps(plans, indent=4, allow_nan=False) + "\n"
+    files["configs/metadata.json"] = _metadata(plan, name, dataset, meta, tpl)
+    files["docs/README.md"] = _readme(plan, name, dataset, folder, root)
+    files["LICENSE"] = (tpl / "LICENSE").read_text(encoding="utf-8")
+    for rel, text in files.items():
+        atomic_write_text(out / rel, text, overwrite=False)
+    return out

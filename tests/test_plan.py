@@ -229,9 +229,9 @@ def test_cli_writes_plans_json(ct_dir, tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(["plan", str(ct_dir), "--out", str(out), "--device", "cpu", "--memory-gb", "2"]) == 0
     text = (out / "configs" / "plans.json").read_text()
-    assert text.startswith('{\n    "fingerprint"')  # indent 4
+    assert text.startswith('{\n    "notes"')  # indent 4
     plan = json.loads(text)
-    assert set(plan) == {"fingerprint", "pipeline", "network_args", "train", "why"}
+    assert set(plan) == {"notes", "fingerprint", "pipeline", "network_args", "train", "why"}
     assert plan["train"]["device"] == "cpu" and plan["train"]["memory_gb"] == 2.0
     assert "plans.json" in capsys.readouterr().out
     # never overwrites: a second run into the same folder is refused, the file is unchanged
