@@ -22,6 +22,7 @@ from medmtl.data.ct_phantom import generate_ct_dataset
 from medmtl.data.datalist import load_datalist
 from medmtl.data.synthetic import generate_dataset
 from medmtl.errors import MedmtlError
+from medmtl.inference.config import load_inference_config
 from medmtl.planner import write_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_changing_plans_json_changes_training_and_inference(bundles, datasets, t
     plans["pipeline"]["spacing"] = [1.6, 1.6, 3.8]
     plans["network_args"]["filters"] = [8, 16, 32, 64]
     plans_file.write_text(json.dumps(plans))
-    train, infer = _parse(bundle, "train.yaml"), _parse(bundle, "inference.yaml")
+    train, infer = _parse(bundle, "train.yaml"), load_inference_config(bundle)
     for parser in (train, infer):
         assert parser.get_parsed_content("pipeline#patch_size") == [32, 32, 8]
         assert parser.get_parsed_content("pipeline")["spacing"] == [1.6, 1.6, 3.8]
@@ -145,7 +146,8 @@ def test_changing_plans_json_changes_training_and_inference(bundles, datasets, t
     item = load_datalist(datasets["ct"])[0]
     sample = train.get_parsed_content("train#preprocessing")(item)[0]
     assert tuple(sample["image"].shape) == (1, 32, 32, 8)
-    assert sample["image"].pixdim.tolist() == pytest.approx([1.6, 1.6, 3.8])
+    whole = train.get_parsed_content("validate#preprocessing")(item)  # no augmentation: the planned spacing
+    assert whole["image"].pixdim.tolist() == pytest.approx([1.6, 1.6, 3.8])
     assert train.get_parsed_content("validate#inferer#roi_size") == [32, 32, 8]
     # what inference uses: the predictor's pipeline and network
     infer["ckpt_file"] = str(tmp_path / "model.pt")
