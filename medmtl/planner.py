@@ -317,10 +317,20 @@ def _normalization(fp: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, A
         channels.append(entry)
     if all(c["scheme"] == "ct" for c in channels):
         window = [min(c["clip"][0] for c in channels), max(c["clip"][1] for c in channels)]
-        why = (f"CT: clip to the foreground 0.5/99.5 percentiles {[round(v, 1) for v in window]} HU (nnU-Net's "
-               "CTNormalization); medmtl's 'ct' mode then scales the window to [0, 1] where nnU-Net z-scores "
-               "with the foreground mean/std (train.channel_normalization): the same up to an affine map")
-        return {"normalization": "ct", "ct_window": window, "nonzero": False}, channels, why
+        # every channel contributes the same number of foreground samples, so the pooled mean and std follow
+        # from the per-channel ones (one channel: exactly its own)
+        mean = float(np.mean([c["mean"] for c in channels]))
+        std = float(np.sqrt(max(np.mean([c["std"] ** 2 + c["mean"] ** 2 for c in channels]) - mean**2, 0.0)))
+        if window[0] < window[1] and std > 0:
+            why = (f"CT: nnU-Net's CTNormalization with the dataset's foreground statistics: clip to the 0.5/99.5 "
+                   f"percentiles {[round(v, 1) for v in window]} HU, then z-score with mean {mean:.4g} and std "
+                   f"{std:.4g} HU (pipeline ct_window and ct_stats)")
+            if len(channels) > 1:
+                why += "; several CT channels share the union of their windows and their pooled mean and std"
+            return ({"normalization": "ct", "ct_window": window, "ct_stats": {"mean": mean, "std": std},
+                     "nonzero": False}, channels, why)
+        why = "CT with a constant foreground (no window to clip to): per-image z-score"
+        return {"normalization": "zscore", "nonzero": False}, channels, why
     if any(c["scheme"] == "ct" for c in channels):
         why = ("mixed CT and other channels: the pipeline has one scheme for all channels, so per-image z-score "
                "(CT channels' clip windows in train.channel_normalization)")
@@ -606,8 +616,9 @@ def _metadata(plan: dict[str, Any], name: str, dataset: str, meta: dict, templat
 def _readme(plan: dict[str, Any], name: str, dataset: str, dataset_dir: Path, root: str) -> str:
     """docs/README.md: what was planned and why, and how to train, evaluate and run it."""
     pipe, net, fp, why = plan["pipeline"], plan["network_args"], plan["fingerprint"], plan["why"]
-    rows = [("spacing (mm)", pipe["spacing"]), ("normalisation", pipe["normalization"] + (
-        f", window {[round(v, 1) for v in pipe['ct_window']]}" if pipe.get("ct_window") else "")),
+    ct = (f", window {[round(v, 1) for v in pipe['ct_window']]}" if pipe.get("ct_window") else "") + (
+        f", mean {pipe['ct_stats']['mean']:.4g}, std {pipe['ct_stats']['std']:.4g}" if pipe.get("ct_stats") else "")
+    rows = [("spacing (mm)", pipe["spacing"]), ("normalisation", pipe["normalization"] + ct),
         ("spatial dims", pipe["spatial_dims"]), ("patch size", pipe["patch_size"]),
         ("strides", net["strides"]), ("filters", net["filters"]), ("batch size", plan["train"]["batch_size"]),
         ("heads", f"{', '.join(net['heads'])} (cls mode {pipe['cls_mode']})")]

@@ -313,3 +313,50 @@ def test_fingerprint_and_plan_hippocampus(hippocampus_dir):
     assert all(lo <= m <= hi for lo, m, hi in zip(fp["min_shape"], fp["median_shape"], fp["max_shape"], strict=True))
     assert plan_patch_size(fp, 1.0) == [48, 64, 48]
     assert plan_patch_size(fp, 1.0, divisor=8) == [40, 56, 40]
+
+
+# ---------------------------------------------------------------- nnU-Net CT normalisation (ct_stats)
+
+
+def test_ct_stats_clip_then_zscore_with_dataset_statistics(tmp_path):
+    """ct_window [-100, 300] then (x - 100) / 50 in every chain; worked out by hand on a 2x2x2 volume."""
+    hu = np.array([-1000, -100, 0, 100, 200, 300, 400, 3000], np.int16).reshape(2, 2, 2)
+    label = np.zeros((2, 2, 2), np.uint8)
+    label[1, 1, 1] = 1
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lbl.nii.gz")
+    item = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "lbl.nii.gz")}
+    # clipped: -100 -100 0 100 200 300 300 300; minus 100, over 50:
+    expected = np.array([-4, -4, -2, 0, 2, 4, 4, 4], np.float32).reshape(2, 2, 2)
+    cfg = _cfg(patch_size=2, normalization="ct", ct_window=[-100, 300], ct_stats={"mean": 100, "std": 50},
+               boundary=False, augment=False, samples_per_volume=1)
+    train = train_transforms(cfg)(item)[0]["image"][0]
+    val = val_transforms(cfg)(item)["image"][0]
+    chain = inference_transforms(cfg)
+    infer = chain({"image": item["image"]})
+    for out in (train, val, infer["image"][0]):
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    # the inference chain still inverts (intensity transforms are skipped by the inverse; geometry comes back)
+    infer["pred"] = infer["image"].clone()
+    back = Invertd("pred", transform=chain, orig_keys="image")(infer)
+    assert back["pred"].shape == (1, 2, 2, 2)
+    # without ct_stats the same window scales to [0, 1], as before
+    plain = val_transforms({**cfg, "ct_stats": None})(item)["image"][0]
+    np.testing.assert_allclose(plain.numpy(), (np.clip(hu, -100, 300) + 100) / 400, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"ct_stats": {"mean": 0, "std": 0}}, r"^pipeline config: 'ct_stats' must be \{mean: m, std: s\} with s > 0"),
+        ({"ct_stats": {"mean": 0}}, "'ct_stats' must be"),
+        ({"ct_stats": {"mean": float("nan"), "std": 1}}, "'ct_stats' must be"),
+        ({"ct_stats": [0, 1]}, "'ct_stats' must be"),
+    ],
+)
+def test_ct_stats_validation(extra, message):
+    with pytest.raises(MedmtlError, match=message) as info:
+        validate_config(_cfg(normalization="ct", ct_window=[-100, 300], **extra))
+    assert "\n" not in str(info.value)
+    with pytest.raises(MedmtlError, match="'ct_stats' is only used with normalization 'ct'"):
+        validate_config(_cfg(ct_stats={"mean": 0, "std": 1}))

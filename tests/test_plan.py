@@ -61,14 +61,18 @@ def hippo_subset(hippocampus_dir, tmp_path_factory) -> Path:
     return out
 
 
-def _foreground_percentiles(folder: Path) -> list[float]:
+def _foreground_voxels(folder: Path) -> np.ndarray:
     """Every foreground voxel of every case (fewer than the fingerprint's 10,000 samples per case: all taken)."""
     values = []
     for label in sorted((folder / "labelsTr").glob("*.nii.gz")):
         lab = np.asarray(nib.load(label).dataobj)
         assert 0 < np.count_nonzero(lab) < 10_000
         values.append(np.asarray(nib.load(folder / "imagesTr" / label.name).dataobj)[lab > 0])
-    return [float(v) for v in np.percentile(np.concatenate(values).astype(np.float64), [0.5, 99.5])]
+    return np.concatenate(values).astype(np.float64)
+
+
+def _foreground_percentiles(folder: Path) -> list[float]:
+    return [float(v) for v in np.percentile(_foreground_voxels(folder), [0.5, 99.5])]
 
 
 def _check_buildable(plan: dict) -> None:
@@ -100,9 +104,12 @@ def test_ct_phantom_plan(ct_dir):
     # batch: the memory allows 121, but 5 cases x 48*48*13 voxels x 5% is 0.23 patches: the minimum, 2
     assert plan["train"]["batch_size"] == 2
     assert plan["train"]["feature_map_voxels"] == 9_287_712  # hand sum in feature_map_voxels' terms
-    # CT: clip to the foreground 0.5 / 99.5 percentiles
+    # CT (nnU-Net's CTNormalization): clip to the dataset's foreground 0.5 / 99.5 percentiles, then z-score with
+    # the dataset's foreground mean and std (population std, as numpy's default and nnU-Net's)
     assert plan["pipeline"]["normalization"] == "ct"
     assert plan["pipeline"]["ct_window"] == pytest.approx(_foreground_percentiles(ct_dir))
+    fg = _foreground_voxels(ct_dir)
+    assert plan["pipeline"]["ct_stats"] == pytest.approx({"mean": fg.mean(), "std": fg.std()})
     ch = plan["train"]["channel_normalization"][0]
     assert ch["scheme"] == "ct" and ch["modality"] == "CT" and 100 < ch["mean"] < 150
     # no case labels: presence heads
@@ -112,11 +119,13 @@ def test_ct_phantom_plan(ct_dir):
     assert set(plan["why"]) >= {"spacing", "normalization", "patch_size", "strides", "batch_size", "heads"}
     _check_buildable(make_plan(_fp_of(ct_dir), device="cpu"))
     # the pipeline block runs as planned on the data: resampled to 3.8 mm slices, padded, cropped to the patch,
-    # HU clipped to the window and scaled to [0, 1]
+    # HU clipped to the window and z-scored: within the window's z-scores, foreground around 0
     item = load_datalist(ct_dir)[0]
     sample = train_transforms({**plan["pipeline"], "augment": False})(item)[0]
     assert tuple(sample["image"].shape) == (1, 48, 48, 14) and tuple(sample["boundary"].shape) == (2, 48, 48, 14)
-    assert sample["image"].min() >= 0 and sample["image"].max() <= 1
+    lo, hi = ((v - fg.mean()) / fg.std() for v in plan["pipeline"]["ct_window"])
+    assert sample["image"].min() >= lo - 1e-4 and sample["image"].max() <= hi + 1e-4
+    assert abs(float(sample["image"][sample["label"] > 0].mean())) < 0.5
     assert sample["image"].pixdim.tolist() == pytest.approx([0.8, 0.8, 3.8])
 
 
@@ -158,6 +167,27 @@ def test_very_anisotropic_volumes_plan_2d():
     assert plan["pipeline"]["patch_size"] == [48, 48] and "very anisotropic" in plan["why"]["spatial_dims"]
     assert make_plan(fp, spatial_dims=3)["pipeline"]["spatial_dims"] == 3  # the option wins
     assert plan["pipeline"]["ct_window"] == [10.0, 90.0]
+    assert plan["pipeline"]["ct_stats"] == {"mean": 50.0, "std": 10.0}
+
+
+def test_ct_normalization_plan_rules():
+    # two CT channels: the union of the windows, the pooled mean and std (equal sample counts per channel):
+    # means 50 and 150 -> 100; E[x^2] = (10^2 + 50^2 + 30^2 + 150^2) / 2 = 13,000 -> std sqrt(13,000 - 100^2)
+    fp = _hand_fp([[1.0, 1.0, 1.0]] * 2, [[32, 32, 32]] * 2, channel_names=("CT", "ct"))
+    fp["foreground_intensity"] = [{"mean": 50.0, "std": 10.0, "p00_5": 10.0, "p50": 50.0, "p99_5": 90.0},
+                                  {"mean": 150.0, "std": 30.0, "p00_5": 60.0, "p50": 150.0, "p99_5": 240.0}]
+    pipe = make_plan(fp)["pipeline"]
+    assert pipe["ct_window"] == [10.0, 240.0]
+    assert pipe["ct_stats"] == pytest.approx({"mean": 100.0, "std": np.sqrt(3000.0)})
+    # a constant foreground has no window: per-image z-score, no CT keys
+    fp = _hand_fp([[1.0, 1.0, 1.0]] * 2, [[32, 32, 32]] * 2)
+    fp["foreground_intensity"] = [{"mean": 40.0, "std": 0.0, "p00_5": 40.0, "p50": 40.0, "p99_5": 40.0}]
+    plan = make_plan(fp)
+    assert plan["pipeline"]["normalization"] == "zscore" and "ct_stats" not in plan["pipeline"]
+    assert "constant foreground" in plan["why"]["normalization"]
+    # MR: per-image z-score, no CT keys
+    mr = make_plan(_hand_fp([[1.0, 1.0, 1.0]] * 2, [[32, 32, 32]] * 2, channel_names=("MRI",)))["pipeline"]
+    assert mr["normalization"] == "zscore" and "ct_window" not in mr and "ct_stats" not in mr
 
 
 def test_target_spacing_rules():

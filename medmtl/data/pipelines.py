@@ -16,9 +16,13 @@ patch_size           (required) training patch, ``spatial_dims`` ints (one int i
 spacing              null       target voxel size in mm for the *data* (3 values for volumes, 2 for true 2D
                                 images; one number is repeated); null keeps the native spacing
 normalization        "zscore"   "zscore" (per image and channel, MR), "ct" (clip to ``ct_window``, scale to
-                                [0, 1]) or "none"
+                                [0, 1]; with ``ct_stats``, z-score instead) or "none"
 nonzero              false      zscore statistics over nonzero voxels only (and only those are normalized)
 ct_window            null       ``[lo, hi]`` in HU, required with normalization "ct"
+ct_stats             null       ``{mean: m, std: s}`` in HU, with normalization "ct": after clipping to
+                                ``ct_window``, ``(x - m) / s`` with these *dataset* statistics (nnU-Net's
+                                CTNormalization: foreground 0.5/99.5 percentiles as the window, foreground
+                                mean and std; ``medmtl plan`` fills both) instead of scaling to [0, 1]
 cls_mode             null       classification target: "case" (datalist field ``class``), "presence"
                                 (foreground classes present in the patch) or null (no "cls" key)
 boundary             true       add the signed-distance boundary target ``boundary``
@@ -103,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "normalization": "zscore",
     "nonzero": False,
     "ct_window": None,
+    "ct_stats": None,
     "cls_mode": None,
     "boundary": True,
     "samples_per_volume": 2,
@@ -182,6 +187,16 @@ def _validate_augment(value: Any) -> dict[str, Any] | None:
     return aug
 
 
+def _validate_ct_stats(value: Any, normalization: str) -> dict[str, float]:
+    """``{mean, std}`` with a finite mean and a positive std, only next to normalization 'ct'."""
+    if normalization != "ct":
+        raise _fail("ct_stats", "is only used with normalization 'ct'")
+    if not (isinstance(value, Mapping) and set(value) == {"mean", "std"} and _is_num(value["mean"])
+            and _is_num(value["std"]) and value["std"] > 0):
+        raise _fail("ct_stats", f"must be {{mean: m, std: s}} with s > 0 (dataset foreground HU), got {value!r}")
+    return {"mean": float(value["mean"]), "std": float(value["std"])}
+
+
 def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check a pipeline config and fill in the defaults.
 
@@ -231,6 +246,8 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         c["ct_window"] = [float(v) for v in w]
     elif c["ct_window"] is not None:
         raise _fail("ct_window", "is only used with normalization 'ct'")
+    if c["ct_stats"] is not None:
+        c["ct_stats"] = _validate_ct_stats(c["ct_stats"], c["normalization"])
 
     if c["cls_mode"] not in (None, "case", "presence"):
         raise _fail("cls_mode", f"must be 'case', 'presence' or null, got {c['cls_mode']!r}")
@@ -273,7 +290,13 @@ def _normalize(c: Mapping[str, Any], key: str = IMAGE) -> list:
         return [NormalizeIntensityd(key, nonzero=c["nonzero"], channel_wise=True)]
     if c["normalization"] == "ct":
         lo, hi = c["ct_window"]
-        return [ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+        b_min, b_max = 0.0, 1.0
+        if c["ct_stats"] is not None:
+            # clip-then-z-score is one affine map of the window: [lo, hi] -> [(lo - m) / s, (hi - m) / s],
+            # clipped to it; ScaleIntensityRanged does both in one pass
+            m, s = c["ct_stats"]["mean"], c["ct_stats"]["std"]
+            b_min, b_max = (lo - m) / s, (hi - m) / s
+        return [ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=b_min, b_max=b_max, clip=True)]
     return []
 
 
