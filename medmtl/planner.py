@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from medmtl.data.checks import check_dataset
+from medmtl.data.checks import CaseHook, check_dataset
 from medmtl.data.datalist import label_names, load_datalist, read_dataset_json
-from medmtl.data.planning import fingerprint
+from medmtl.data.planning import FingerprintAccumulator, fingerprint
 from medmtl.errors import MedmtlError
 from medmtl.io import atomic_write_text
 
@@ -258,9 +258,9 @@ def _channel_names(meta: dict, channels: int, where: Path) -> list[str]:
     return [str(names[str(i)]) for i in range(channels)]
 
 
-def _refuse_bad_dataset(folder: Path) -> None:
-    """The checks of ``medmtl check-data``; the first problem as one line."""
-    report = check_dataset(folder)  # raises its own one-line MedmtlError without folder or dataset.json
+def _refuse_bad_dataset(folder: Path, on_case: CaseHook | None = None) -> None:
+    """The checks of ``medmtl check-data`` (``on_case``: see ``check_dataset``); the first problem as one line."""
+    report = check_dataset(folder, on_case=on_case)  # its own one-line MedmtlError without folder or dataset.json
     if report.ok:
         return
     # check-data's own message for the first problem (it names the file), then how many more there are
@@ -270,12 +270,36 @@ def _refuse_bad_dataset(folder: Path) -> None:
                       "nothing was planned")
 
 
+def _checked_fingerprint(folder: Path) -> dict[str, Any]:
+    """Check the dataset and fingerprint it in the same pass: every image and label is read once, by the check,
+    which hands each good case's files to the fingerprint. A bad dataset is refused with check-data's message
+    even when the fingerprint stumbled on it first."""
+    acc, failed = FingerprintAccumulator(), []
+
+    def add(entry: dict, images: list, label: tuple | None) -> None:
+        if failed:
+            return
+        try:
+            if len(images) != 1:  # check-data allows a list of files per case; the fingerprint wants one
+                raise MedmtlError(f"{entry['image']}: one image file per case is needed to plan (got {len(images)})")
+            (path, img, data), (lpath, limg, ldata) = images[0], label or (None, None, None)
+            acc.add(path, img, lpath, limg, image_data=data, label_data=ldata)
+        except MedmtlError as err:
+            failed.append(err)
+
+    _refuse_bad_dataset(folder, add)
+    if failed:
+        raise failed[0]
+    return acc.result()
+
+
 def dataset_fingerprint(dataset_dir: Path | str, check: bool = True) -> dict[str, Any]:
-    """Check an MSD dataset as ``medmtl check-data`` does, then fingerprint its training cases once.
+    """Check an MSD dataset as ``medmtl check-data`` does and fingerprint its training cases, reading each file once.
 
     Args:
         dataset_dir: the folder holding ``dataset.json``.
-        check: run ``medmtl.data.checks.check_dataset`` first (False: the caller already did).
+        check: run ``medmtl.data.checks.check_dataset`` (which hands the files it read to the fingerprint);
+            False: the caller already did, the fingerprint reads the files itself.
 
     Returns:
         ``medmtl.data.planning.fingerprint`` of the ``training`` section plus ``channel_names`` (from
@@ -286,11 +310,11 @@ def dataset_fingerprint(dataset_dir: Path | str, check: bool = True) -> dict[str
         MedmtlError: one line: no folder or ``dataset.json``, or the first problem ``check-data`` reports.
     """
     folder = Path(dataset_dir).expanduser().absolute()
-    if check:
-        _refuse_bad_dataset(folder)
+    fp = _checked_fingerprint(folder) if check else None
     meta = read_dataset_json(folder)
     entries = load_datalist(folder, "training")
-    fp = fingerprint(entries)
+    if fp is None:
+        fp = fingerprint(entries)
     fp["channel_names"] = _channel_names(meta, fp["num_channels"], folder / "dataset.json")
     fp["label_names"] = {str(k): v for k, v in label_names(meta).items()}
     classes = [e["class"] for e in entries if e.get("class") is not None]

@@ -315,3 +315,50 @@ def test_refusals(ct_dir, tmp_path, capsys):
     with pytest.raises(MedmtlError, match="not an empty folder"):
         write_plans(ct_dir, full)
     assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+
+
+def test_plan_reads_every_file_once(tmp_path, monkeypatch, capsys):
+    """`medmtl plan` checks and fingerprints in one pass: one nibabel load and one voxel read per image and label."""
+    from collections import Counter
+
+    from nibabel.arrayproxy import ArrayProxy
+
+    data = tmp_path / "ct"
+    generate_ct_dataset(data, cases=3, shape=(16, 16, 6))
+    files = sorted(str(p) for p in data.rglob("*.nii.gz"))
+    assert len(files) == 6
+    loads, reads = Counter(), Counter()
+    load, read = nib.load, ArrayProxy.__array__
+
+    def counted_load(path, *args, **kwargs):
+        loads[str(path)] += 1
+        return load(path, *args, **kwargs)
+
+    def counted_read(self, *args, **kwargs):
+        reads[str(self.file_like)] += 1
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", counted_load)
+    monkeypatch.setattr(ArrayProxy, "__array__", counted_read)
+    assert main(["plan", str(data), "--out", str(tmp_path / "bundle"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert sorted(loads) == files and set(loads.values()) == {1}
+    assert sorted(reads) == files and set(reads.values()) == {1}
+    # the same fingerprint as reading the files apart from the check
+    monkeypatch.undo()
+    from medmtl.planner import dataset_fingerprint
+
+    assert dataset_fingerprint(data) == dataset_fingerprint(data, check=False)
+
+
+def test_plan_keeps_check_messages_when_the_fingerprint_would_fail_first(ct_dir, tmp_path, capsys):
+    # a 2D case among 3D ones: the fingerprint sees it while the check is still running, but the refusal is
+    # check-data's own layout message
+    bad = _copy_ct(ct_dir, tmp_path / "flat")
+    name = "ctphantom_002.nii.gz"
+    for folder in ("imagesTr", "labelsTr"):
+        img = nib.load(bad / folder / name)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 0], img.affine), bad / folder / name)
+    err = _refused(bad, tmp_path / "o", capsys)
+    first = next(c for c in check_dataset(bad).cases if not c.ok)
+    assert first.problems[0] in err and "check-data" in err

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,11 @@ from medmtl.errors import MedmtlError
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 5  # names shown in one message before "..."
+
+# (path, opened file, its voxels) of one image or label the check has read
+LoadedFile = tuple[str, nib.spatialimages.SpatialImage, np.ndarray]
+# called for every case without problems: (datalist entry, its images, its label or None)
+CaseHook = Callable[[dict, list[LoadedFile], LoadedFile | None], None]
 
 # MSD folders whose files should all be listed somewhere in dataset.json
 _LISTED_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
@@ -184,8 +189,10 @@ class _CaseChecker:
         require_label: bool,
         spacing_range: tuple[float, float],
         tolerances: dict[str, float],
+        on_case: CaseHook | None = None,
     ) -> None:
         self.folder = folder
+        self.on_case = on_case
         self.declared = declared
         self.require_label = require_label
         self.spacing_range = spacing_range
@@ -238,6 +245,7 @@ class _CaseChecker:
 
         label_img = self.load(label_path, case) if label_path else None
         spatial = _spatial_ndim(label_img.shape) if label_img is not None else None
+        kept: list[LoadedFile] = []  # for on_case: what was read, so its caller need not read it again
         for i, path in enumerate(images):
             img = self.load(path, case)
             if img is None:
@@ -254,11 +262,17 @@ class _CaseChecker:
             data = self.read(img, path, case)
             if data is not None:
                 self._check_intensities(data, path, case)
-            del data  # keep one volume in memory at a time
+                if self.on_case is not None:
+                    kept.append((path, img, data))
+            del data  # without on_case, keep one volume in memory at a time
+        label = None
         if label_img is not None:
             data = self.read(label_img, label_path, case)
             if data is not None:
                 self._check_label_values(data, label_path, case)
+                label = (label_path, label_img, data)
+        if self.on_case is not None and case.ok:
+            self.on_case(entry, kept, label)
         return case
 
     def _check_geometry(
@@ -415,6 +429,7 @@ def check_dataset(
     spacing_rtol: float = SPACING_RTOL,
     direction_atol: float = DIRECTION_ATOL,
     origin_atol: float = ORIGIN_ATOL_MM,
+    on_case: CaseHook | None = None,
 ) -> DatasetReport:
     """Check every image/label pair of an MSD dataset folder and the `dataset.json` listing.
 
@@ -425,6 +440,11 @@ def check_dataset(
         spacing_rtol: relative tolerance on spacing when comparing image and label affines.
         direction_atol: absolute tolerance on direction cosines.
         origin_atol: absolute tolerance on the origin, in mm.
+        on_case: called, in listing order, for every case the checks found no problem with (so far: a later
+            layout check may still fail it), with its entry, ``[(path, image, voxels), ...]`` and
+            ``(path, label, voxels)`` (None without a label): the files as the check read them, so a caller
+            (``medmtl plan``'s fingerprint) does not read them again. That case's volumes stay in memory
+            until it returns.
 
     Returns:
         The report; `report.ok` is False when the dataset or any case has a problem. Malformed or
@@ -462,7 +482,7 @@ def check_dataset(
         report.problems.append(f"{DATASET_JSON}: cases listed more than once: {_names(repeated)}")
 
     tolerances = {"spacing_rtol": spacing_rtol, "direction_atol": direction_atol, "origin_atol": origin_atol}
-    checker = _CaseChecker(folder, declared, section != "test", spacing_range, tolerances)
+    checker = _CaseChecker(folder, declared, section != "test", spacing_range, tolerances, on_case)
     for entry in entries:
         case = checker.check(entry)
         logger.debug("%s", case.format())

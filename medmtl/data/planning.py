@@ -17,7 +17,7 @@ import numpy as np
 
 from medmtl.errors import MedmtlError
 
-__all__ = ["fingerprint", "plan_patch_size"]
+__all__ = ["FingerprintAccumulator", "fingerprint", "plan_patch_size"]
 
 _SAMPLES_PER_CASE = 10_000
 _PERCENTILES = (0.5, 50.0, 99.5)
@@ -49,6 +49,94 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+class FingerprintAccumulator:
+    """The fingerprint built one case at a time, from files someone else has already opened.
+
+    ``fingerprint`` feeds it the files it loads; ``medmtl plan`` feeds it the images and labels that
+    ``medmtl.data.checks.check_dataset`` loaded and read (its ``on_case`` hook), so planning reads every file once.
+    Cases are added in datalist order; the result is the same either way (one seeded sampler).
+    """
+
+    def __init__(self) -> None:
+        self._rng = np.random.default_rng(0)
+        self._shapes: list[np.ndarray] = []
+        self._spacings: list[np.ndarray] = []
+        self._label_voxels: dict[Any, int] = {}
+        self._fg_samples: list[np.ndarray] = []  # (n, channels) per case
+        self._ndim: int | None = None
+        self._channels: int | None = None
+
+    def add(self, path: str, img: nib.spatialimages.SpatialImage, label_path: str | None = None,
+            label_img: nib.spatialimages.SpatialImage | None = None, image_data: np.ndarray | None = None,
+            label_data: np.ndarray | None = None) -> None:
+        """Add one case: its opened image (and label), with their voxels when already read (else read here).
+
+        Raises:
+            MedmtlError: the case's dimensionality or channel count differs from the earlier cases', its label's
+                shape from its image's, or its data cannot be read.
+        """
+        case_dims = min(len(img.shape), 3)
+        case_channels = int(np.prod(img.shape[3:])) if len(img.shape) > 3 else 1
+        if self._ndim is None:
+            self._ndim, self._channels = case_dims, case_channels
+        elif (case_dims, case_channels) != (self._ndim, self._channels):
+            raise MedmtlError(
+                f"{path}: {case_dims}D with {case_channels} channel(s), but earlier cases are {self._ndim}D with "
+                f"{self._channels} channel(s)"
+            )
+        ndim, channels = self._ndim, self._channels
+        order = _ras_order(img, ndim)
+        self._shapes.append(np.asarray(img.shape[:ndim])[order])
+        self._spacings.append(np.asarray(img.header.get_zooms()[:ndim], dtype=float)[order])
+        if label_img is None or label_path is None:
+            return
+        if tuple(label_img.shape[:ndim]) != tuple(img.shape[:ndim]):
+            raise MedmtlError(f"{label_path}: shape {label_img.shape} does not match its image {img.shape}")
+        lbl = (label_data if label_data is not None else _read(label_img, label_path)).reshape(img.shape[:ndim])
+        values, counts = np.unique(lbl, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            self._label_voxels[value] = self._label_voxels.get(value, 0) + int(count)
+        fg = np.flatnonzero(lbl)
+        if fg.size:
+            pick = self._rng.choice(fg, size=min(fg.size, _SAMPLES_PER_CASE), replace=False)
+            data = (image_data if image_data is not None else _read(img, path)).reshape(*img.shape[:ndim], channels)
+            self._fg_samples.append(data.reshape(-1, channels)[pick].astype(np.float64))
+
+    def result(self) -> dict[str, Any]:
+        """The fingerprint of the cases added so far (``fingerprint``'s return value).
+
+        Raises:
+            MedmtlError: no case was added.
+        """
+        if not self._shapes:
+            raise MedmtlError("fingerprint: the datalist is empty")
+        intensity = []
+        if self._fg_samples:
+            allv = np.concatenate(self._fg_samples)
+            for ch in range(allv.shape[1]):
+                v = allv[:, ch]
+                p = np.percentile(v, _PERCENTILES)
+                intensity.append(
+                    {"mean": float(v.mean()), "std": float(v.std()), "p00_5": float(p[0]), "p50": float(p[1]),
+                     "p99_5": float(p[2])}
+                )
+        shapes_a, spacings_a = np.stack(self._shapes), np.stack(self._spacings)
+        return {
+            "num_cases": len(self._shapes),
+            "spatial_dims": self._ndim,
+            "num_channels": self._channels,
+            "median_shape": [float(v) for v in np.median(shapes_a, axis=0)],
+            "min_shape": [int(v) for v in shapes_a.min(axis=0)],
+            "max_shape": [int(v) for v in shapes_a.max(axis=0)],
+            "median_spacing": [float(v) for v in np.median(spacings_a, axis=0)],
+            "label_values": sorted(_number(v) for v in self._label_voxels),
+            "foreground_intensity": intensity,
+            "shapes": [[int(v) for v in s] for s in self._shapes],
+            "spacings": [[float(v) for v in s] for s in self._spacings],
+            "label_voxels": {str(_number(v)): n for v, n in sorted(self._label_voxels.items())},
+        }
+
+
 def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[str, Any]:
     """Summarize a labelled dataset: shapes, spacings, label values and foreground intensities.
 
@@ -71,67 +159,14 @@ def fingerprint(datalist: Sequence[dict], max_cases: int | None = None) -> dict[
     items = list(datalist)[: max_cases if max_cases is not None else None]
     if not items:
         raise MedmtlError("fingerprint: the datalist is empty")
-    rng = np.random.default_rng(0)
-    shapes, spacings, label_voxels = [], [], {}
-    fg_samples: list[np.ndarray] = []  # (n, channels) per case
-    ndim = channels = None
+    acc = FingerprintAccumulator()
     for item in items:
         if "image" not in item:
             raise MedmtlError(f"fingerprint: datalist item {item.get('case_id', item)} has no 'image'")
-        path = str(item["image"])
-        img = _load(path)
-        case_dims = min(len(img.shape), 3)
-        case_channels = int(np.prod(img.shape[3:])) if len(img.shape) > 3 else 1
-        if ndim is None:
-            ndim, channels = case_dims, case_channels
-        elif (case_dims, case_channels) != (ndim, channels):
-            raise MedmtlError(
-                f"{path}: {case_dims}D with {case_channels} channel(s), but earlier cases are {ndim}D with "
-                f"{channels} channel(s)"
-            )
-        order = _ras_order(img, ndim)
-        shapes.append(np.asarray(img.shape[:ndim])[order])
-        spacings.append(np.asarray(img.header.get_zooms()[:ndim], dtype=float)[order])
-        if item.get("label"):
-            lpath = str(item["label"])
-            lbl_img = _load(lpath)
-            if tuple(lbl_img.shape[:ndim]) != tuple(img.shape[:ndim]):
-                raise MedmtlError(f"{lpath}: shape {lbl_img.shape} does not match its image {img.shape}")
-            lbl = _read(lbl_img, lpath).reshape(img.shape[:ndim])
-            values, counts = np.unique(lbl, return_counts=True)
-            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                label_voxels[value] = label_voxels.get(value, 0) + int(count)
-            fg = np.flatnonzero(lbl)
-            if fg.size:
-                pick = rng.choice(fg, size=min(fg.size, _SAMPLES_PER_CASE), replace=False)
-                data = _read(img, path).reshape(*img.shape[:ndim], channels)
-                fg_samples.append(data.reshape(-1, channels)[pick].astype(np.float64))
-
-    intensity = []
-    if fg_samples:
-        allv = np.concatenate(fg_samples)
-        for ch in range(allv.shape[1]):
-            v = allv[:, ch]
-            p = np.percentile(v, _PERCENTILES)
-            intensity.append(
-                {"mean": float(v.mean()), "std": float(v.std()), "p00_5": float(p[0]), "p50": float(p[1]),
-                 "p99_5": float(p[2])}
-            )
-    shapes_a, spacings_a = np.stack(shapes), np.stack(spacings)
-    return {
-        "num_cases": len(items),
-        "spatial_dims": ndim,
-        "num_channels": channels,
-        "median_shape": [float(v) for v in np.median(shapes_a, axis=0)],
-        "min_shape": [int(v) for v in shapes_a.min(axis=0)],
-        "max_shape": [int(v) for v in shapes_a.max(axis=0)],
-        "median_spacing": [float(v) for v in np.median(spacings_a, axis=0)],
-        "label_values": sorted(_number(v) for v in label_voxels),
-        "foreground_intensity": intensity,
-        "shapes": [[int(v) for v in s] for s in shapes],
-        "spacings": [[float(v) for v in s] for s in spacings],
-        "label_voxels": {str(_number(v)): n for v, n in sorted(label_voxels.items())},
-    }
+        path, label_path = str(item["image"]), item.get("label")
+        label_path = str(label_path) if label_path else None
+        acc.add(path, _load(path), label_path, _load(label_path) if label_path else None)
+    return acc.result()
 
 
 def plan_patch_size(
