@@ -147,22 +147,6 @@ def _refuse_existing(path: Path) -> None:
         raise MedmtlError(f"{path}: exists and is not a folder; choose a new --out")
 
 
-def _network_state(model: Path, network: Any) -> dict[str, Any]:
-    """The weights of `model` that fit `network` exactly (same keys and shapes); MedmtlError otherwise."""
-    from medmtl.engine.checkpoint import load_checkpoint, network_state
-
-    state = network_state(load_checkpoint(model))
-    try:
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, TypeError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__)[:240]
-        raise MedmtlError(
-            f"{model}: does not fit the bundle's network ({detail}); was it trained with this bundle's network_args?"
-        ) from None
-    return dict(network.state_dict())
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -276,6 +260,7 @@ def package_bundle(
     """
     import torch
 
+    from medmtl.engine.checkpoint import load_network_weights
     from medmtl.inference.batch import load_inference_config
 
     bundle, model, out = Path(bundle), Path(model), Path(out)
@@ -295,7 +280,8 @@ def package_bundle(
         raise MedmtlError(f"{bundle}: configs/inference.yaml lacks network_def or multitask_network_def")
     network = parser.get_parsed_content("multitask_network_def")
     seg_network = parser.get_parsed_content("network_def")
-    state = _network_state(model, network)  # refuses a checkpoint of another network before anything is written
+    load_network_weights(model, network)  # refuses a checkpoint of another network before anything is written
+    state = dict(network.state_dict())
     seg_network.load_state_dict(state, strict=True)
 
     notes = []

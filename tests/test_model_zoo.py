@@ -178,7 +178,7 @@ def test_package_refuses_with_one_line(phantom_run: Path, phantom_package: Path,
     other = tmp_path / "other_run" / "models" / "model.pt"
     other.parent.mkdir(parents=True)
     torch.save(MultiTaskUNet(3, 1, 3, filters=(4, 8, 16, 32, 64)).state_dict(), other)
-    assert "does not fit the bundle's network" in refused(other, tmp_path / "out1")
+    assert "holds the weights of another network" in refused(other, tmp_path / "out1")
     assert not (tmp_path / "out1").exists()
     # a checkpoint without an evaluation of it: no figures are made up
     (tmp_path / "bare" / "models").mkdir(parents=True)

@@ -269,7 +269,7 @@ def test_checkpoint_missing_or_not_fitting(tmp_path: Path):
     with pytest.raises(MedmtlError, match="checkpoint not found"):
         predictor(ckpt_file=tmp_path / "model.pt")
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(MedmtlError, match=r"other\.pt: weights do not fit the bundle's network"):
+    with pytest.raises(MedmtlError, match=r"other\.pt: holds the weights of another network"):
         predictor(ckpt_file=tmp_path / "other.pt")
 
 

@@ -363,12 +363,30 @@ def _checked(path: Path, network: torch.nn.Module | None, need: tuple[str, ...] 
             "a model.pt holds the network weights only)"
         )
     if network is not None:
-        mismatch = _network_mismatch(network_state(state), network)
-        if mismatch:
-            raise MedmtlError(
-                f"{path}: holds the weights of another network (other heads, filters or classes?): {mismatch}"
-            )
+        _require_fit(path, network_state(state), network)
     return state
+
+
+def _require_fit(path: Path | str, state: Mapping[str, Any], network: torch.nn.Module) -> None:
+    mismatch = _network_mismatch(state, network)
+    if mismatch:
+        raise MedmtlError(
+            f"{path}: holds the weights of another network (other heads, filters or classes?): {mismatch}"
+        )
+
+
+def load_network_weights(path: Path | str, network: torch.nn.Module) -> None:
+    """Load the network weights of the checkpoint at `path` (`model.pt` or `last.pt`) into `network`.
+
+    The one check every loader shares (inference, packaging, resuming): every key and shape must match.
+
+    Raises:
+        MedmtlError: the file is missing or unreadable, or its weights do not fit `network` (the message
+            names the file and the first missing, unexpected or reshaped weight).
+    """
+    state = network_state(load_checkpoint(path))
+    _require_fit(path, state, network)
+    _unwrap(network).load_state_dict(state)
 
 
 def require_checkpoint(

@@ -37,9 +37,9 @@ from monai.transforms import Invertd
 
 from medmtl.data.pipelines import inference_transforms, validate_config
 from medmtl.data.plausibility import intensity_problem, spacing_problem
-from medmtl.engine.checkpoint import load_checkpoint, network_state
+from medmtl.engine.checkpoint import load_network_weights
 from medmtl.engine.precision import cpu_bf16_supported
-from medmtl.errors import MedmtlError, error_summary
+from medmtl.errors import MedmtlError
 from medmtl.inference.sliding import MultiHeadInferer
 
 __all__ = ["Prediction", "Predictor", "resolve_device", "mirror_axes_combinations"]
@@ -203,7 +203,7 @@ class Predictor:
         # one network per checkpoint: copies of the configured one, so every member has the same architecture
         self.networks = [network] + [copy.deepcopy(network) for _ in files[1:]]
         for member, path in zip(self.networks, files, strict=False):
-            self._load_weights(member, Path(path))
+            load_network_weights(Path(path), member)
         for member in self.networks:
             member.to(self.device).eval()
 
@@ -225,20 +225,6 @@ class Predictor:
     def _label_names(self, names: Mapping[Any, str] | None) -> dict[int, str]:
         given = {int(k): str(v) for k, v in (names or {}).items()}
         return {c: given.get(c, f"label_{c}") for c in range(1, self.num_classes)}
-
-    @staticmethod
-    def _load_weights(network: torch.nn.Module, path: Path) -> None:
-        state = network_state(load_checkpoint(path))
-        try:
-            network.load_state_dict(state)
-        except (RuntimeError, KeyError, TypeError) as err:
-            # torch's first line is a heading ("Error(s) in loading state_dict ..."); the next one says what
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            detail = lines[1][:240] if len(lines) > 1 else error_summary(err, limit=240)
-            raise MedmtlError(
-                f"{path}: weights do not fit the bundle's network ({detail}); "
-                "was it trained with this bundle's network_args?"
-            ) from None
 
     @property
     def progress(self) -> bool:
