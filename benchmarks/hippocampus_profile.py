@@ -55,6 +55,8 @@ CONFIGS: dict[str, tuple[dict | str, int, tuple[int, ...]]] = {
     "strided_f16_top8_b2": (NEW_DEFAULT, 2, PATCH),
     "strided_f16_top8_b4": (NEW_DEFAULT, 4, PATCH),
     "strided_f16_3levels_b4": ({"filters": [16, 32, 64], "strides": [2, 2, 2], "top_filters": 8}, 4, PATCH),
+    "strided_f16_top8_contiguous_b4": ({**NEW_DEFAULT, "channels_last": False}, 4, PATCH),
+    "strided_f16_top8_basic_blocks_b4": ({**NEW_DEFAULT, "res_block": False}, 4, PATCH),
     "strided_f16_top8_ds_b4": ({**NEW_DEFAULT, "deep_supervision": True, "deep_supr_num": 2}, 4, PATCH),
 }
 
