@@ -595,7 +595,11 @@ def _bundle_configs(plan: dict[str, Any], name: str, root: str, dataset_dir: Pat
         text = src[f].replace(str(template.relative_to(template.parents[1])), root)
         configs[f] = re.sub(r"^#\s+--dataset_dir \S*Task04\S*\n", "", text, flags=re.MULTILINE)
     configs["multi_gpu_train.yaml"] = configs["multi_gpu_train.yaml"].replace("\" \\\n", "\"\n")
-    for f, text in configs.items():  # nothing of the template's dataset may remain
+    # nothing of the template's dataset may remain; the new dataset's own names (Task04 planned again) may
+    own = [str(dataset_dir), root, name, dataset, *(class_names or [])]
+    for f, text in configs.items():
+        for word in sorted(filter(None, own), key=len, reverse=True):
+            text = re.sub(re.escape(word), "", text, flags=re.IGNORECASE)
         left = re.search(r".*(task04|hippocamp|anterior).*", text, re.IGNORECASE)
         if left:
             raise MedmtlError(f"{where}/{f}: template line not adapted to the new dataset: {left.group(0).strip()!r}")

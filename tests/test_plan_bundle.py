@@ -229,3 +229,17 @@ def test_refused_dataset_writes_no_bundle(datasets, tmp_path, capsys):
     with pytest.raises(MedmtlError, match="not an empty folder"):
         write_bundle(datasets["ct"], tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+
+
+def test_a_dataset_named_like_the_template_is_planned(datasets, tmp_path):
+    # the template is the hippocampus bundle: planning Task04 itself (its name, path and label names are the
+    # template's words) must write the bundle, not mistake them for template lines left unadapted
+    import shutil
+
+    hippo = shutil.copytree(datasets["phantom"], tmp_path / "Task04_Hippocampus")
+    meta = json.loads((hippo / "dataset.json").read_text())
+    meta["name"] = "Hippocampus"
+    (hippo / "dataset.json").write_text(json.dumps(meta))
+    out = write_bundle(hippo, tmp_path / "hippocampus_mtl", device="cpu")
+    train = (out / "configs" / "train.yaml").read_text()
+    assert "planned by `medmtl plan`" in train and str(hippo) in train
