@@ -154,10 +154,11 @@ def test_monai_bundle_run_is_the_same_batch(trained: Path, export: Path, tmp_pat
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(PHANTOM / "configs" / "inference.yaml"),
+        "--config_file", str(PHANTOM / "configs" / "inference.yaml"), "--bundle_root", str(PHANTOM),
         "--input_dir", str(export / "dicom"), "--output_dir", str(out),
         "--ckpt_file", str(trained / "models" / "model.pt"), "--pipeline#patch_size", "[32,32,32]",
     ]  # fmt: skip
+    # --bundle_root as the model zoo passes it: the config reads the bundle's configs/plans.json from there
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 input(s) done, 0 failed" in run.stdout
